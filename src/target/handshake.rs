@@ -782,11 +782,23 @@ pub mod harness {
         ]
     }
 
-    /// Feeds `input` in chunks whose sizes come from `split_seed`; returns the output, the
-    /// final event and the bytes consumed. Asserts the per-call invariants.
+    /// Split seeds whose low byte is this run the handshake in shutdown mode.
+    const SHUTDOWN_SEED_BYTE: u64 = 0xff;
+
+    fn new_handshake(split_seed: u64) -> Handshake {
+        let mut handshake = Handshake::new(HandshakeConfig::default());
+        if split_seed & 0xff == SHUTDOWN_SEED_BYTE {
+            handshake.begin_shutdown();
+        }
+        handshake
+    }
+
+    /// Feeds `input` in chunks whose sizes come from `split_seed` (whose low byte 0xff also
+    /// selects shutdown mode); returns the output, the final event and the bytes consumed.
+    /// Asserts the per-call invariants.
     pub fn run_chunked(input: &[u8], split_seed: u64) -> (Vec<u8>, Event, usize) {
         let exports = exports();
-        let mut handshake = Handshake::new(HandshakeConfig::default());
+        let mut handshake = new_handshake(split_seed);
         let mut out = Vec::new();
         handshake.greeting(&mut out);
         assert_eq!(out.len(), GREETING_BYTES);
@@ -817,7 +829,7 @@ pub mod harness {
             Some((seed, input)) => (u64::from_le_bytes(*seed), input),
             None => (0, data),
         };
-        let (whole_out, whole_event, whole_consumed) = run_whole(input);
+        let (whole_out, whole_event, whole_consumed) = run_whole(input, seed);
         let (out, event, consumed) = run_chunked(input, seed);
         assert_eq!(event, whole_event, "chunking changed the event");
         assert_eq!(out, whole_out, "chunking changed the output");
@@ -828,9 +840,9 @@ pub mod harness {
         }
     }
 
-    fn run_whole(input: &[u8]) -> (Vec<u8>, Event, usize) {
+    fn run_whole(input: &[u8], split_seed: u64) -> (Vec<u8>, Event, usize) {
         let exports = exports();
-        let mut handshake = Handshake::new(HandshakeConfig::default());
+        let mut handshake = new_handshake(split_seed);
         let mut out = Vec::new();
         handshake.greeting(&mut out);
         let (consumed, event) = handshake.advance(input, &exports, &mut out);

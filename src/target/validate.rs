@@ -129,7 +129,15 @@ pub enum Verdict {
 }
 
 /// Validates `request` against `export` and the negotiated `session` (see the module docs).
+///
+/// # Panics
+///
+/// If `export` is not the export the session negotiated (`session.export_id`).
 pub fn validate(request: &Request, export: &ExportInfo, session: &Session) -> Verdict {
+    assert_eq!(
+        session.export_id, export.id,
+        "validating against another export"
+    );
     if request.command == NBD_CMD_DISC {
         return Verdict::Serve(Command::Disconnect);
     }
