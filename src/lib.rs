@@ -1,0 +1,32 @@
+//! ringbd: a Network Block Device (NBD) server built on io_uring.
+//!
+//! # Architecture
+//!
+//! ```text
+//!  listeners ──accept──▶ acceptor thread ──crossbeam + eventfd──▶ shard 0 … shard N-1
+//!                                                                  │ one thread, pinned
+//!                                                                  │ one io_uring
+//!                                                                  │ one registered BufPool
+//!                                                                  ▼
+//!                    socket recv ─▶ target::codec ─▶ target::validate ─▶ backend op (ring)
+//!                    socket send ◀─ reply queue (out of order, batched sendmsg) ◀─ CQE
+//! ```
+//!
+//! * [`target`] is the NBD protocol: pure functions and state machines over bytes (sans-I/O),
+//!   plus the export and backend descriptions. It never touches io_uring.
+//! * [`ring`] is the only module allowed `unsafe`: the io_uring wrapper, the registered
+//!   buffer pool and the typed `user_data` keyspace. It knows nothing about NBD.
+//! * [`shard`] drives a ring with the protocol engine; [`server`] owns listeners, the
+//!   acceptor and the shard threads.
+//!
+//! See `docs/ARCHITECTURE.md` for the request flow and `docs/INVARIANTS.md` for every
+//! `unsafe` contract.
+#![deny(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations)]
+
+pub mod config;
+#[allow(unsafe_code)]
+pub mod ring;
+pub mod server;
+pub mod shard;
+pub mod target;

@@ -1,0 +1,1190 @@
+//! One shard: a thread pinned to a core, owning one [`Ring`], its registered buffer pool, a
+//! slab of connections and a slab of in-flight requests.
+//!
+//! # Tick
+//!
+//! `submit_and_wait(1)`, reap a bounded batch of completions, then dispatch each: reap first,
+//! run later. New connections arrive over a crossbeam channel with an eventfd wake-up that
+//! has a read posted on the ring.
+//!
+//! # Connection contract
+//!
+//! * At most one receive and one send are in flight per connection; replies queue in `out`
+//!   and leave in batches (one `sendmsg` carries up to [`SEND_IOVECS_MAX`] runs), in
+//!   completion order: replies are out of order with respect to requests.
+//! * A WRITE payload is copied from the receive buffer only for the part that arrived with
+//!   the header; the rest is received straight into the request's pool buffer.
+//! * FLUSH is an `fdatasync` of the export's file. A reply is queued only after its
+//!   operation completed, so every write already replied to is on the file when the flush is
+//!   issued; fdatasync covers all descriptors of the file, hence CAN_MULTI_CONN.
+//! * Backpressure: when the pool has no buffer for a request, or the connection has
+//!   `queue_depth` requests alive, the connection stops parsing (and so stops receiving) until
+//!   a reply is sent. Memory is bounded by the pool, never by client behaviour.
+//! * A connection is freed only when no receive, send or request of it is in flight.
+
+use std::collections::VecDeque;
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use slab::Slab;
+
+use crate::config::{
+    HANDSHAKE_TIMEOUT_SECONDS, RECV_BUFFER_BYTES, RING_ENTRIES, SHUTDOWN_GRACE_SECONDS,
+};
+use crate::ring::{Buf, Completion, Ring, RingConfig, RingError, SendBatch};
+use crate::target::backend::FileBackend;
+use crate::target::codec::{self, Extent, ReplyHead, ReplyStyle};
+use crate::target::export::ExportInfo;
+use crate::target::handshake::{Event, Handshake, HandshakeConfig, Session};
+use crate::target::proto::{self, NbdErrno};
+use crate::target::validate::{self, Command, Verdict};
+
+/// Completions handled per tick.
+const COMPLETIONS_PER_TICK_MAX: usize = 512;
+/// Largest chunk of the zero-writing fallback for WRITE_ZEROES.
+const ZERO_CHUNK_BYTES: usize = 1 << 20;
+
+/// An export with its backend, shared by all shards.
+#[derive(Debug)]
+pub struct Export {
+    /// What the protocol layer sees.
+    pub info: ExportInfo,
+    /// Where the bytes live.
+    pub backend: FileBackend,
+}
+
+/// State shared by the server and every shard.
+#[derive(Debug)]
+pub struct Shared {
+    /// Exports, indexed by `ExportInfo::id`.
+    pub exports: Vec<Export>,
+    /// The same exports as the handshake sees them.
+    pub infos: Vec<ExportInfo>,
+    /// Set once on SIGTERM/SIGINT.
+    pub stopping: AtomicBool,
+    /// In-flight requests allowed per connection.
+    pub queue_depth: u32,
+    /// Registered pool bytes per shard.
+    pub pool_bytes: usize,
+}
+
+/// A connected client socket.
+#[derive(Debug)]
+pub enum Socket {
+    /// TCP.
+    Tcp(TcpStream),
+    /// Unix domain socket.
+    Unix(UnixStream),
+}
+
+impl Socket {
+    fn fd(&self) -> RawFd {
+        match self {
+            Socket::Tcp(stream) => stream.as_raw_fd(),
+            Socket::Unix(stream) => stream.as_raw_fd(),
+        }
+    }
+
+    fn shutdown(&self) {
+        let _ = match self {
+            Socket::Tcp(stream) => stream.shutdown(Shutdown::Both),
+            Socket::Unix(stream) => stream.shutdown(Shutdown::Both),
+        };
+    }
+}
+
+/// A connection handed from the acceptor to a shard.
+#[derive(Debug)]
+pub struct NewConn {
+    /// The accepted socket.
+    pub socket: Socket,
+    /// Peer address, for logs.
+    pub peer: String,
+}
+
+/// What a shard exposes to the acceptor.
+#[derive(Debug, Default)]
+pub struct ShardLoad {
+    /// Live connections (for least-loaded placement).
+    pub connections: AtomicUsize,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Ctx {
+    Wake,
+    Recv(usize),
+    Payload(usize),
+    Send(usize),
+    Io(usize),
+    HandshakeTimer(usize, u64),
+    StopTimer,
+}
+
+#[derive(Debug)]
+enum Phase {
+    Handshake(Box<Handshake>),
+    Transmission(Session),
+}
+
+#[derive(Debug)]
+enum Out {
+    Head(ReplyHead),
+    Data(ReplyHead, Buf, usize, usize),
+    Bytes(Vec<u8>, bool),
+}
+
+#[derive(Debug)]
+struct Payload {
+    request: usize,
+    filled: usize,
+    total: usize,
+}
+
+#[derive(Debug)]
+struct Conn {
+    socket: Socket,
+    fd: RawFd,
+    generation: u64,
+    peer: String,
+    phase: Phase,
+    rbuf: Option<Buf>,
+    rstart: usize,
+    rend: usize,
+    recv_busy: bool,
+    payload: Option<Payload>,
+    drain: u64,
+    out: VecDeque<Out>,
+    batch: Option<Box<SendBatch>>,
+    batch_replies: usize,
+    /// Requests with an operation or payload receive in flight.
+    ops: usize,
+    /// Replies queued or being sent.
+    unsent: usize,
+    closing: bool,
+    close_when_idle: bool,
+    stop_reading: bool,
+    wait_buffers: bool,
+    export: usize,
+}
+
+/// Why parsing of a connection's input stopped (or that it can go on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Progress,
+    NeedInput,
+    Blocked,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Read,
+    Write,
+    Flush,
+    Trim,
+    Zero,
+    ZeroWrite,
+    Cache,
+    SyncAfter,
+}
+
+#[derive(Debug)]
+struct Request {
+    conn: usize,
+    cookie: u64,
+    offset: u64,
+    length: u64,
+    op: Op,
+    fd: RawFd,
+    file_offset: u64,
+    span: usize,
+    done: u64,
+    skip: usize,
+    buf: Option<Buf>,
+    fua: bool,
+    fast: bool,
+    mode: i32,
+}
+
+/// Runs one shard until the server stops. Call on the shard's own thread.
+pub fn run(
+    index: usize,
+    shared: Arc<Shared>,
+    incoming: Receiver<NewConn>,
+    wake_fd: RawFd,
+    load: Arc<ShardLoad>,
+    ready: crossbeam_channel::Sender<Result<(), String>>,
+) -> Result<(), RingError> {
+    let ring = Ring::new(RingConfig {
+        entries: RING_ENTRIES,
+        pool_bytes: shared.pool_bytes,
+        in_flight_max: RING_ENTRIES as usize * 2,
+    });
+    let ring = match ring {
+        Ok(ring) => {
+            let _ = ready.send(Ok(()));
+            ring
+        }
+        Err(error) => {
+            let _ = ready.send(Err(format!("shard {index}: {error}")));
+            return Err(error);
+        }
+    };
+    if !ring.registered() {
+        tracing::warn!(
+            shard = index,
+            "could not register the buffer pool (RLIMIT_MEMLOCK too low?); using unregistered \
+             buffers. Raise the limit (LimitMEMLOCK=infinity, ulimit -l) for zero-copy I/O"
+        );
+    }
+    let mut shard = Shard {
+        index,
+        ring,
+        shared,
+        incoming,
+        wake_fd,
+        load,
+        conns: Slab::with_capacity(64),
+        requests: Slab::with_capacity(1024),
+        completions: Vec::with_capacity(COMPLETIONS_PER_TICK_MAX),
+        waiting: VecDeque::new(),
+        extents: Vec::with_capacity(proto::BLOCK_STATUS_EXTENTS_MAX),
+        generation: 0,
+        stop_deadline: None,
+    };
+    shard.ring.read_word(wake_fd, Box::new(0), Ctx::Wake);
+    shard.run_loop()
+}
+
+struct Shard {
+    index: usize,
+    ring: Ring<Ctx>,
+    shared: Arc<Shared>,
+    incoming: Receiver<NewConn>,
+    wake_fd: RawFd,
+    load: Arc<ShardLoad>,
+    conns: Slab<Conn>,
+    requests: Slab<Request>,
+    completions: Vec<Completion<Ctx>>,
+    waiting: VecDeque<usize>,
+    extents: Vec<Extent>,
+    generation: u64,
+    stop_deadline: Option<Instant>,
+}
+
+impl Shard {
+    fn run_loop(&mut self) -> Result<(), RingError> {
+        loop {
+            if self.stop_deadline.is_some() && self.conns.is_empty() {
+                return Ok(());
+            }
+            self.ring.submit_and_wait(1)?;
+            let mut completions = std::mem::take(&mut self.completions);
+            self.ring.reap(&mut completions, COMPLETIONS_PER_TICK_MAX);
+            for completion in completions.drain(..) {
+                self.dispatch(completion);
+            }
+            self.completions = completions;
+            self.retry_waiting();
+        }
+    }
+
+    fn dispatch(&mut self, completion: Completion<Ctx>) {
+        let Completion {
+            ctx,
+            result,
+            resources,
+        } = completion;
+        match ctx {
+            Ctx::Wake => {
+                self.ring
+                    .read_word(self.wake_fd, resources.into_word(), Ctx::Wake);
+                self.accept_new();
+                self.check_stopping();
+            }
+            Ctx::Recv(key) => self.recv_done(key, result, resources.into_buf()),
+            Ctx::Payload(key) => self.payload_done(key, result, resources.into_buf()),
+            Ctx::Send(key) => self.send_done(key, result, resources.into_batch()),
+            Ctx::Io(key) => self.io_done(key, result, resources),
+            Ctx::HandshakeTimer(key, generation) => {
+                let expired = self.conns.get(key).is_some_and(|conn| {
+                    conn.generation == generation && matches!(conn.phase, Phase::Handshake(_))
+                });
+                if expired {
+                    self.close(key, "handshake timed out");
+                }
+            }
+            Ctx::StopTimer => {
+                if self
+                    .stop_deadline
+                    .is_some_and(|deadline| Instant::now() >= deadline)
+                {
+                    let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
+                    for key in keys {
+                        self.close(key, "shutdown grace period over");
+                    }
+                } else {
+                    self.ring
+                        .timeout(Duration::from_millis(200), Ctx::StopTimer);
+                }
+            }
+        }
+    }
+
+    fn accept_new(&mut self) {
+        while let Ok(new) = self.incoming.try_recv() {
+            if self.stop_deadline.is_some() {
+                continue;
+            }
+            let Some(rbuf) = self.ring.pool_mut().check_out(RECV_BUFFER_BYTES) else {
+                tracing::warn!(shard = self.index, peer = %new.peer, "buffer pool exhausted; refusing connection");
+                continue;
+            };
+            self.generation += 1;
+            let handshake = Box::new(Handshake::new(HandshakeConfig::default()));
+            let mut greeting = Vec::with_capacity(32);
+            handshake.greeting(&mut greeting);
+            let fd = new.socket.fd();
+            let key = self.conns.insert(Conn {
+                socket: new.socket,
+                fd,
+                generation: self.generation,
+                peer: new.peer,
+                phase: Phase::Handshake(handshake),
+                rbuf: Some(rbuf),
+                rstart: 0,
+                rend: 0,
+                recv_busy: false,
+                payload: None,
+                drain: 0,
+                out: VecDeque::with_capacity(64),
+                batch: Some(Box::default()),
+                batch_replies: 0,
+                ops: 0,
+                unsent: 0,
+                closing: false,
+                close_when_idle: false,
+                stop_reading: false,
+                wait_buffers: false,
+                export: 0,
+            });
+            self.load.connections.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(shard = self.index, peer = %self.conns[key].peer, "connection accepted");
+            let timer = Ctx::HandshakeTimer(key, self.generation);
+            self.ring
+                .timeout(Duration::from_secs(HANDSHAKE_TIMEOUT_SECONDS), timer);
+            self.conns[key].out.push_back(Out::Bytes(greeting, false));
+            self.kick_send(key);
+            self.post_recv(key);
+        }
+    }
+
+    fn check_stopping(&mut self) {
+        if self.stop_deadline.is_some() || !self.shared.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        self.stop_deadline = Some(Instant::now() + Duration::from_secs(SHUTDOWN_GRACE_SECONDS));
+        self.ring
+            .timeout(Duration::from_millis(200), Ctx::StopTimer);
+        let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            let conn = &mut self.conns[key];
+            if matches!(conn.phase, Phase::Handshake(_)) {
+                self.close(key, "server shutting down");
+            } else {
+                conn.close_when_idle = true;
+                self.maybe_finish(key);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ receive side
+
+    fn post_recv(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        if conn.recv_busy || conn.closing || conn.stop_reading {
+            return;
+        }
+        if let Some(payload) = &conn.payload {
+            let request = &mut self.requests[payload.request];
+            let buf = request.buf.take().expect("payload buffer present");
+            let (at, len) = (payload.filled, payload.total - payload.filled);
+            conn.recv_busy = true;
+            self.ring
+                .recv(conn.fd, buf, at, len, true, Ctx::Payload(key));
+            return;
+        }
+        if conn.wait_buffers {
+            return;
+        }
+        if conn.rend == RECV_BUFFER_BYTES {
+            // Parsing needs more bytes than the buffer holds: no valid message does that.
+            self.close(key, "message larger than the receive buffer");
+            return;
+        }
+        let buf = conn.rbuf.take().expect("receive buffer present");
+        conn.recv_busy = true;
+        let (at, len) = (conn.rend, RECV_BUFFER_BYTES - conn.rend);
+        self.ring.recv(conn.fd, buf, at, len, false, Ctx::Recv(key));
+    }
+
+    fn recv_done(&mut self, key: usize, result: i32, buf: Buf) {
+        let conn = &mut self.conns[key];
+        conn.recv_busy = false;
+        conn.rbuf = Some(buf);
+        if conn.closing {
+            self.maybe_free(key);
+            return;
+        }
+        if result <= 0 {
+            let reason = if result == 0 {
+                "client closed the connection"
+            } else {
+                "receive failed"
+            };
+            self.close(key, reason);
+            return;
+        }
+        conn.rend += result as usize;
+        self.process_input(key);
+    }
+
+    fn payload_done(&mut self, key: usize, result: i32, buf: Buf) {
+        let conn = &mut self.conns[key];
+        conn.recv_busy = false;
+        let payload = conn.payload.as_mut().expect("payload in progress");
+        let request_key = payload.request;
+        self.requests[request_key].buf = Some(buf);
+        if conn.closing || result <= 0 {
+            conn.payload = None;
+            conn.ops -= 1;
+            self.drop_request(request_key);
+            self.close(key, "connection lost during a write payload");
+            self.maybe_free(key);
+            return;
+        }
+        payload.filled += result as usize;
+        if payload.filled < payload.total {
+            self.post_recv(key);
+            return;
+        }
+        conn.payload = None;
+        self.submit_io(request_key);
+        self.process_input(key);
+    }
+
+    /// Parses everything buffered, starting what can be started; receives again only when
+    /// parsing stopped for want of bytes. A throttled connection (queue depth, no buffers)
+    /// is resumed by `send_done` or `retry_waiting`, never by a receive: a client may be
+    /// waiting for replies before it sends more.
+    fn process_input(&mut self, key: usize) {
+        let mut need_input = false;
+        loop {
+            let Some(conn) = self.conns.get_mut(key) else {
+                return;
+            };
+            if conn.recv_busy || conn.closing || conn.stop_reading {
+                return;
+            }
+            if conn.payload.is_some() {
+                need_input = true;
+                break;
+            }
+            let available = conn.rend - conn.rstart;
+            if conn.drain > 0 {
+                let skipped = conn.drain.min(available as u64);
+                conn.rstart += skipped as usize;
+                conn.drain -= skipped;
+                if conn.drain > 0 {
+                    need_input = true;
+                    break;
+                }
+                continue;
+            }
+            let step = match conn.phase {
+                Phase::Handshake(_) => self.handshake_step(key),
+                Phase::Transmission(_) => self.transmission_step(key),
+            };
+            match step {
+                Step::Progress => {}
+                Step::NeedInput => {
+                    need_input = true;
+                    break;
+                }
+                Step::Blocked => break,
+            }
+        }
+        if self.conns.contains(key) {
+            self.compact(key);
+            if need_input {
+                self.post_recv(key);
+            }
+        }
+    }
+
+    fn compact(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        let Some(rbuf) = &conn.rbuf else { return };
+        if conn.rstart == conn.rend {
+            conn.rstart = 0;
+            conn.rend = 0;
+        } else if conn.rstart > 0
+            && (conn.rend == RECV_BUFFER_BYTES || conn.rstart >= RECV_BUFFER_BYTES / 2)
+        {
+            let bytes = self.ring.pool_mut().bytes_mut(rbuf);
+            bytes.copy_within(conn.rstart..conn.rend, 0);
+            conn.rend -= conn.rstart;
+            conn.rstart = 0;
+        }
+    }
+
+    fn handshake_step(&mut self, key: usize) -> Step {
+        let conn = &mut self.conns[key];
+        let Phase::Handshake(handshake) = &mut conn.phase else {
+            unreachable!()
+        };
+        let rbuf = conn.rbuf.as_ref().expect("receive buffer present");
+        let input = &self.ring.pool().bytes(rbuf)[conn.rstart..conn.rend];
+        let mut reply = Vec::new();
+        let (consumed, event) = handshake.advance(input, &self.shared.infos, &mut reply);
+        assert!(consumed <= input.len());
+        conn.rstart += consumed;
+        if !reply.is_empty() {
+            conn.out.push_back(Out::Bytes(reply, false));
+        }
+        let step = match event {
+            Event::NeedMore if consumed > 0 => Step::Progress,
+            Event::NeedMore => Step::NeedInput,
+            Event::Done(session) => {
+                tracing::info!(
+                    shard = self.index, peer = %conn.peer,
+                    export = %self.shared.infos[session.export_id].name,
+                    style = ?session.reply_style, "client connected"
+                );
+                conn.export = session.export_id;
+                conn.phase = Phase::Transmission(session);
+                set_nodelay(&conn.socket);
+                Step::Progress
+            }
+            Event::Close(reason) => {
+                tracing::debug!(shard = self.index, peer = %conn.peer, reason, "handshake ended");
+                conn.stop_reading = true;
+                conn.close_when_idle = true;
+                Step::Blocked
+            }
+        };
+        if conn.rend == RECV_BUFFER_BYTES && conn.rstart == 0 && step == Step::NeedInput {
+            // An option larger than the receive buffer that the handshake did not skip.
+            conn.stop_reading = true;
+            conn.close_when_idle = true;
+        }
+        self.kick_send(key);
+        self.maybe_finish(key);
+        if self.conns.contains(key) {
+            step
+        } else {
+            Step::Blocked
+        }
+    }
+
+    fn transmission_step(&mut self, key: usize) -> Step {
+        let queue_depth = self.shared.queue_depth as usize;
+        let conn = &mut self.conns[key];
+        let Phase::Transmission(session) = &conn.phase else {
+            unreachable!()
+        };
+        if conn.ops + conn.unsent >= queue_depth {
+            return Step::Blocked;
+        }
+        let rbuf = conn.rbuf.as_ref().expect("receive buffer present");
+        let input = &self.ring.pool().bytes(rbuf)[conn.rstart..conn.rend];
+        let extended = session.reply_style == ReplyStyle::Extended;
+        let (request, header_bytes) = match codec::decode_request(input, extended) {
+            Ok(Some(decoded)) => decoded,
+            Ok(None) => return Step::NeedInput,
+            Err(error) => {
+                tracing::info!(shard = self.index, peer = %conn.peer, %error, "protocol error");
+                self.close(key, "bad request magic");
+                return Step::Blocked;
+            }
+        };
+        let export = &self.shared.exports[conn.export];
+        let verdict = validate::validate(&request, &export.info, session);
+        let style = session.reply_style;
+        match verdict {
+            Verdict::Serve(Command::Disconnect) => {
+                conn.rstart += header_bytes;
+                conn.stop_reading = true;
+                conn.close_when_idle = true;
+                self.maybe_finish(key);
+                Step::Blocked
+            }
+            Verdict::Serve(command) if self.stop_deadline.is_some() => {
+                let payload = match command {
+                    Command::Write { length, .. } => length,
+                    _ => 0,
+                };
+                conn.rstart += header_bytes;
+                conn.drain = payload;
+                let head =
+                    codec::reply_error(style, request.cookie, request.offset, NbdErrno::Shutdown);
+                self.queue_reply(key, Out::Head(head));
+                Step::Progress
+            }
+            Verdict::Serve(command) => {
+                if self.start(key, &request, command, header_bytes) {
+                    Step::Progress
+                } else {
+                    Step::Blocked
+                }
+            }
+            Verdict::Reject {
+                errno,
+                payload_bytes,
+            } => {
+                conn.rstart += header_bytes;
+                conn.drain = payload_bytes;
+                let head = codec::reply_error(style, request.cookie, request.offset, errno);
+                self.queue_reply(key, Out::Head(head));
+                Step::Progress
+            }
+            Verdict::Disconnect(reason) => {
+                tracing::info!(shard = self.index, peer = %conn.peer, reason, "protocol violation");
+                self.close(key, reason);
+                Step::Blocked
+            }
+        }
+    }
+
+    /// Starts a valid command; false (nothing consumed) when the pool has no buffer for it.
+    fn start(
+        &mut self,
+        key: usize,
+        request: &codec::Request,
+        command: Command,
+        header: usize,
+    ) -> bool {
+        let export_id = self.conns[key].export;
+        let backend = &self.shared.exports[export_id].backend;
+        let mut new = Request {
+            conn: key,
+            cookie: request.cookie,
+            offset: request.offset,
+            length: 0,
+            op: Op::Flush,
+            fd: backend.control_fd(),
+            file_offset: 0,
+            span: 0,
+            done: 0,
+            skip: 0,
+            buf: None,
+            fua: false,
+            fast: false,
+            mode: 0,
+        };
+        match command {
+            Command::Read { offset, length, .. } => {
+                let (fd, file_offset, span, skip) = backend.read_plan(offset, length);
+                let Some(buf) = self.check_out(key, span as usize) else {
+                    return false;
+                };
+                new = Request {
+                    op: Op::Read,
+                    fd,
+                    file_offset,
+                    length,
+                    buf: Some(buf),
+                    ..new
+                };
+                new.span = span as usize;
+                new.skip = skip as usize;
+            }
+            Command::Write {
+                offset,
+                length,
+                fua,
+            } => {
+                let fd = backend.write_fd(offset, length);
+                let Some(buf) = self.check_out(key, length as usize) else {
+                    return false;
+                };
+                new = Request {
+                    op: Op::Write,
+                    fd,
+                    file_offset: offset,
+                    length,
+                    fua,
+                    ..new
+                };
+                new.span = length as usize;
+                new.buf = Some(buf);
+            }
+            Command::Flush => {}
+            Command::Trim {
+                offset,
+                length,
+                fua,
+            } => {
+                let align = u64::from(backend.alignment());
+                let start = offset.div_ceil(align) * align;
+                let end = (offset + length) / align * align;
+                new = Request {
+                    op: Op::Trim,
+                    file_offset: start,
+                    fua,
+                    ..new
+                };
+                new.length = end.saturating_sub(start);
+                new.mode = crate::target::backend::FALLOC_PUNCH_HOLE;
+            }
+            Command::WriteZeroes {
+                offset,
+                length,
+                no_hole,
+                fast,
+                fua,
+            } => {
+                new = Request {
+                    op: Op::Zero,
+                    file_offset: offset,
+                    length,
+                    fua,
+                    fast,
+                    ..new
+                };
+                match backend.zero_mode(no_hole) {
+                    Some(mode) => new.mode = mode,
+                    None if fast => {
+                        return self.reply_now(key, request, header, NbdErrno::NotSup);
+                    }
+                    None => new.op = Op::ZeroWrite,
+                }
+            }
+            Command::Cache { offset, length } => {
+                new = Request {
+                    op: Op::Cache,
+                    file_offset: offset,
+                    length,
+                    ..new
+                };
+            }
+            Command::BlockStatus {
+                offset,
+                length,
+                req_one,
+            } => {
+                self.conns[key].rstart += header;
+                self.block_status(key, request, offset, length, req_one);
+                return true;
+            }
+            Command::Disconnect => unreachable!("handled by the caller"),
+        }
+        if new.op == Op::ZeroWrite {
+            let chunk = (new.length as usize).min(ZERO_CHUNK_BYTES);
+            let Some(buf) = self.check_out(key, chunk.max(1)) else {
+                return false;
+            };
+            self.ring.pool_mut().bytes_mut(&buf).fill(0);
+            new.buf = Some(buf);
+        }
+        let conn = &mut self.conns[key];
+        conn.rstart += header;
+        conn.ops += 1;
+        let write_payload = (new.op == Op::Write).then_some(new.span);
+        let request_key = self.requests.insert(new);
+        if let Some(total) = write_payload {
+            let conn = &mut self.conns[key];
+            let arrived = (conn.rend - conn.rstart).min(total);
+            let rbuf = conn.rbuf.as_ref().expect("receive buffer present");
+            let target = self.requests[request_key]
+                .buf
+                .as_ref()
+                .expect("write buffer");
+            self.ring
+                .pool_mut()
+                .copy_between(rbuf, conn.rstart, target, 0, arrived);
+            conn.rstart += arrived;
+            if arrived < total {
+                conn.payload = Some(Payload {
+                    request: request_key,
+                    filled: arrived,
+                    total,
+                });
+                return true;
+            }
+        }
+        self.submit_io(request_key);
+        true
+    }
+
+    fn check_out(&mut self, key: usize, bytes: usize) -> Option<Buf> {
+        let buf = self.ring.pool_mut().check_out(bytes.max(1));
+        if buf.is_none() {
+            let conn = &mut self.conns[key];
+            if !conn.wait_buffers {
+                conn.wait_buffers = true;
+                self.waiting.push_back(key);
+            }
+        }
+        buf
+    }
+
+    fn retry_waiting(&mut self) {
+        for _ in 0..self.waiting.len() {
+            let Some(key) = self.waiting.pop_front() else {
+                break;
+            };
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
+            conn.wait_buffers = false;
+            self.process_input(key);
+        }
+    }
+
+    fn reply_now(
+        &mut self,
+        key: usize,
+        request: &codec::Request,
+        header: usize,
+        errno: NbdErrno,
+    ) -> bool {
+        let conn = &mut self.conns[key];
+        conn.rstart += header;
+        let Phase::Transmission(session) = &conn.phase else {
+            unreachable!()
+        };
+        let head = codec::reply_error(session.reply_style, request.cookie, request.offset, errno);
+        self.queue_reply(key, Out::Head(head));
+        true
+    }
+
+    fn block_status(
+        &mut self,
+        key: usize,
+        request: &codec::Request,
+        offset: u64,
+        length: u64,
+        one: bool,
+    ) {
+        let conn = &self.conns[key];
+        let Phase::Transmission(session) = &conn.phase else {
+            unreachable!()
+        };
+        let style = session.reply_style;
+        let context = session
+            .base_allocation
+            .expect("validated: a context is negotiated");
+        let backend = &self.shared.exports[conn.export].backend;
+        let extents_max = if one {
+            1
+        } else {
+            proto::BLOCK_STATUS_EXTENTS_MAX
+        };
+        let mut extents = std::mem::take(&mut self.extents);
+        let out = match backend.block_status(offset, length, extents_max, &mut extents) {
+            Ok(()) => {
+                let mut bytes = vec![0; codec::block_status_reply_bytes(style, extents.len())];
+                let len = codec::reply_block_status(
+                    style,
+                    request.cookie,
+                    request.offset,
+                    context,
+                    &extents,
+                    &mut bytes,
+                );
+                bytes.truncate(len);
+                Out::Bytes(bytes, true)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "block status failed");
+                Out::Head(codec::reply_error(
+                    style,
+                    request.cookie,
+                    request.offset,
+                    NbdErrno::Io,
+                ))
+            }
+        };
+        self.extents = extents;
+        self.queue_reply(key, out);
+    }
+
+    // ------------------------------------------------------------------ backend side
+
+    fn submit_io(&mut self, request_key: usize) {
+        let request = &mut self.requests[request_key];
+        let ctx = Ctx::Io(request_key);
+        let (fd, done) = (request.fd, request.done);
+        match request.op {
+            Op::Read | Op::Write if request.span == 0 => self.finish(request_key, Ok(())),
+            Op::Read => {
+                let buf = request.buf.take().expect("read buffer");
+                let (at, len) = (done as usize, request.span - done as usize);
+                self.ring
+                    .read_at(fd, request.file_offset + done, buf, at, len, ctx);
+            }
+            Op::Write => {
+                let buf = request.buf.take().expect("write buffer");
+                let (at, len) = (done as usize, request.span - done as usize);
+                let offset = request.file_offset + done;
+                self.ring
+                    .write_at(fd, offset, buf, at, len, request.fua, ctx);
+            }
+            Op::ZeroWrite => {
+                let buf = request.buf.take().expect("zero buffer");
+                let len = ((request.length - done) as usize).min(buf.capacity());
+                let offset = request.file_offset + done;
+                self.ring.write_at(fd, offset, buf, 0, len, false, ctx);
+            }
+            Op::Flush | Op::SyncAfter => self.ring.fsync(fd, true, ctx),
+            Op::Trim if request.length == 0 => self.finish(request_key, Ok(())),
+            Op::Trim | Op::Zero => {
+                let (mode, offset, length) = (request.mode, request.file_offset, request.length);
+                self.ring.fallocate(fd, mode, offset, length, ctx);
+            }
+            Op::Cache => {
+                let (offset, length) = (request.file_offset, request.length);
+                self.ring
+                    .fadvise(fd, offset, length, libc::POSIX_FADV_WILLNEED, ctx);
+            }
+        }
+    }
+
+    fn io_done(&mut self, request_key: usize, result: i32, resources: crate::ring::Resources) {
+        let request = &mut self.requests[request_key];
+        if matches!(request.op, Op::Read | Op::Write | Op::ZeroWrite) {
+            request.buf = Some(resources.into_buf());
+        }
+        let conn_key = request.conn;
+        if self.conns[conn_key].closing {
+            self.drop_request(request_key);
+            self.conns[conn_key].ops -= 1;
+            self.maybe_free(conn_key);
+            return;
+        }
+        let outcome = match (request.op, result) {
+            (Op::Read | Op::Write, bytes) if bytes > 0 => {
+                request.done += bytes as u64;
+                if request.done < request.span as u64 {
+                    self.submit_io(request_key);
+                    return;
+                }
+                Ok(())
+            }
+            (Op::Read | Op::Write, 0) => Err(NbdErrno::Io),
+            (Op::ZeroWrite, bytes) if bytes > 0 => {
+                request.done += bytes as u64;
+                if request.done < request.length {
+                    self.submit_io(request_key);
+                    return;
+                }
+                Ok(())
+            }
+            (Op::Zero, errno) if errno == -libc::EOPNOTSUPP => {
+                let backend = &self.shared.exports[self.conns[conn_key].export].backend;
+                backend.mode_unsupported(request.mode);
+                if request.fast {
+                    Err(NbdErrno::NotSup)
+                } else {
+                    request.op = Op::Zero;
+                    match backend.zero_mode(true) {
+                        Some(mode) => request.mode = mode,
+                        None => return self.start_zero_write(request_key),
+                    }
+                    self.submit_io(request_key);
+                    return;
+                }
+            }
+            (Op::Trim | Op::Cache, _) => Ok(()),
+            (_, errno) if errno < 0 => Err(NbdErrno::from_errno(-errno)),
+            _ => Ok(()),
+        };
+        let request = &mut self.requests[request_key];
+        if outcome.is_ok()
+            && request.fua
+            && matches!(request.op, Op::Trim | Op::Zero | Op::ZeroWrite)
+        {
+            request.op = Op::SyncAfter;
+            self.submit_io(request_key);
+            return;
+        }
+        self.finish(request_key, outcome);
+    }
+
+    fn start_zero_write(&mut self, request_key: usize) {
+        let request = &mut self.requests[request_key];
+        let chunk = (request.length as usize).clamp(1, ZERO_CHUNK_BYTES);
+        let Some(buf) = self.ring.pool_mut().check_out(chunk) else {
+            self.finish(request_key, Err(NbdErrno::Io));
+            return;
+        };
+        self.ring.pool_mut().bytes_mut(&buf).fill(0);
+        let request = &mut self.requests[request_key];
+        request.op = Op::ZeroWrite;
+        request.buf = Some(buf);
+        self.submit_io(request_key);
+    }
+
+    fn finish(&mut self, request_key: usize, outcome: Result<(), NbdErrno>) {
+        let mut request = self.requests.remove(request_key);
+        let conn = &mut self.conns[request.conn];
+        conn.ops -= 1;
+        let Phase::Transmission(session) = &conn.phase else {
+            unreachable!()
+        };
+        let style = session.reply_style;
+        let (cookie, offset) = (request.cookie, request.offset);
+        let out = match outcome {
+            Ok(()) if request.op == Op::Read => {
+                let head =
+                    codec::reply_read_data(style, cookie, offset, offset, request.length, true);
+                let buf = request.buf.take().expect("read buffer");
+                Out::Data(head, buf, request.skip, request.length as usize)
+            }
+            Ok(()) => Out::Head(codec::reply_ok(style, cookie, offset)),
+            Err(errno) => Out::Head(codec::reply_error(style, cookie, offset, errno)),
+        };
+        if let Some(buf) = request.buf.take() {
+            self.ring.pool_mut().check_in(buf);
+        }
+        self.queue_reply(request.conn, out);
+    }
+
+    fn drop_request(&mut self, request_key: usize) {
+        let mut request = self.requests.remove(request_key);
+        if let Some(buf) = request.buf.take() {
+            self.ring.pool_mut().check_in(buf);
+        }
+    }
+
+    // ------------------------------------------------------------------ send side
+
+    fn queue_reply(&mut self, key: usize, out: Out) {
+        let conn = &mut self.conns[key];
+        conn.unsent += 1;
+        conn.out.push_back(out);
+        self.kick_send(key);
+    }
+
+    fn kick_send(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        if conn.closing || conn.out.is_empty() {
+            return;
+        }
+        let Some(mut batch) = conn.batch.take() else {
+            return;
+        };
+        let mut replies = 0;
+        while batch.has_room(2) {
+            let Some(out) = conn.out.pop_front() else {
+                break;
+            };
+            match out {
+                Out::Head(head) => {
+                    batch.push_bytes(head.as_bytes());
+                    replies += 1;
+                }
+                Out::Data(head, buf, at, len) => {
+                    batch.push_bytes(head.as_bytes());
+                    batch.push_buf(buf, at, len);
+                    replies += 1;
+                }
+                Out::Bytes(bytes, is_reply) => {
+                    batch.push_bytes(&bytes);
+                    replies += usize::from(is_reply);
+                }
+            }
+        }
+        conn.batch_replies = replies;
+        if batch.is_empty() {
+            conn.batch = Some(batch);
+            return;
+        }
+        self.ring.send_batch(conn.fd, batch, Ctx::Send(key));
+    }
+
+    fn send_done(&mut self, key: usize, result: i32, mut batch: Box<SendBatch>) {
+        let complete = result >= 0 && batch.is_complete();
+        for buf in batch.take_bufs() {
+            self.ring.pool_mut().check_in(buf);
+        }
+        let conn = &mut self.conns[key];
+        conn.batch = Some(batch);
+        conn.unsent -= conn.batch_replies;
+        conn.batch_replies = 0;
+        if conn.closing {
+            self.maybe_free(key);
+            return;
+        }
+        if !complete {
+            self.close(key, "send failed");
+            return;
+        }
+        self.kick_send(key);
+        self.maybe_finish(key);
+        if self.conns.contains(key) {
+            self.process_input(key);
+        }
+    }
+
+    // ------------------------------------------------------------------ teardown
+
+    /// Closes a connection that asked to end (DISC, ABORT, shutdown) once it is idle.
+    fn maybe_finish(&mut self, key: usize) {
+        let conn = &self.conns[key];
+        let idle = conn.ops == 0 && conn.out.is_empty() && conn.batch.is_some();
+        if conn.close_when_idle && idle && conn.payload.is_none() {
+            self.close(key, "client disconnected");
+        }
+    }
+
+    fn close(&mut self, key: usize, reason: &str) {
+        let conn = &mut self.conns[key];
+        if conn.closing {
+            return;
+        }
+        conn.closing = true;
+        tracing::info!(shard = self.index, peer = %conn.peer, reason, "connection closed");
+        conn.socket.shutdown();
+        if conn.recv_busy || conn.batch.is_none() {
+            self.ring.cancel_fd(conn.fd);
+        }
+        self.maybe_free(key);
+    }
+
+    fn maybe_free(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        if !conn.closing || conn.recv_busy || conn.batch.is_none() {
+            return;
+        }
+        if let Some(payload) = conn.payload.take() {
+            conn.ops -= 1;
+            self.drop_request(payload.request);
+        }
+        if self.conns[key].ops > 0 {
+            return;
+        }
+        let mut conn = self.conns.remove(key);
+        let pool = self.ring.pool_mut();
+        if let Some(buf) = conn.rbuf.take() {
+            pool.check_in(buf);
+        }
+        for out in conn.out.drain(..) {
+            if let Out::Data(_, buf, _, _) = out {
+                pool.check_in(buf);
+            }
+        }
+        self.load.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn set_nodelay(socket: &Socket) {
+    if let Socket::Tcp(stream) = socket {
+        let _ = stream.set_nodelay(true);
+    }
+}
