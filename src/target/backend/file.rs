@@ -173,7 +173,7 @@ impl FileBackend {
 
     fn is_aligned(&self, offset: u64, length: u64) -> bool {
         let align = u64::from(self.alignment);
-        offset % align == 0 && length % align == 0
+        offset.is_multiple_of(align) && length.is_multiple_of(align)
     }
 
     /// The fallocate mode that zeroes a range, or `None` once the file proved it has none.
