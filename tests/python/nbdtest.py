@@ -24,11 +24,19 @@ def pattern(offset, length, seed):
     return mixed.to_bytes(length, "little")
 
 
-def connect(socket, export="", meta=True):
-    """A libnbd handle connected to EXPORT on a unix SOCKET."""
+def connect(socket, export="", meta=True, block_size=True):
+    """A libnbd handle connected to EXPORT on a unix SOCKET.
+
+    block_size=False: do not request NBD_INFO_BLOCK_SIZE and disable libnbd's alignment
+    checks, i.e. behave like a client that ignores block size constraints (the server must
+    still serve it).
+    """
     h = nbd.NBD()
     if meta:
         h.add_meta_context("base:allocation")
+    if not block_size:
+        h.set_request_block_size(False)
+        h.set_strict_mode(nbd.STRICT_MASK & ~nbd.STRICT_ALIGN)
     h.set_export_name(export)
     h.connect_unix(socket)
     return h
