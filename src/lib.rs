@@ -29,4 +29,5 @@ pub mod config;
 pub mod ring;
 pub mod server;
 pub mod shard;
+pub mod stats;
 pub mod target;

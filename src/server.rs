@@ -155,6 +155,7 @@ pub fn start(config: &Config, listeners: Vec<Listener>) -> Result<Server> {
         stopping: Default::default(),
         queue_depth: config.queue_depth,
         pool_bytes: config.buffer_mib << 20,
+        stats: crate::stats::StatsHub::new(config.shards, config.exports.len()),
     });
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let (ready_tx, ready_rx) = crossbeam_channel::bounded(config.shards);

@@ -37,6 +37,7 @@ use crate::config::{
     HANDSHAKE_TIMEOUT_SECONDS, RECV_BUFFER_BYTES, RING_ENTRIES, SHUTDOWN_GRACE_SECONDS,
 };
 use crate::ring::{Buf, Completion, Ring, RingConfig, RingError, SendBatch};
+use crate::stats::{self, ShardStats, StatsHub};
 use crate::target::backend::FileBackend;
 use crate::target::codec::{self, Extent, ReplyHead, ReplyStyle};
 use crate::target::export::ExportInfo;
@@ -46,6 +47,8 @@ use crate::target::validate::{self, Command, Verdict};
 
 /// Completions handled per tick.
 const COMPLETIONS_PER_TICK_MAX: usize = 512;
+/// How often a shard copies its statistics to the shared hub.
+const STATS_PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
 /// Largest chunk of the zero-writing fallback for WRITE_ZEROES.
 const ZERO_CHUNK_BYTES: usize = 1 << 20;
 
@@ -71,6 +74,8 @@ pub struct Shared {
     pub queue_depth: u32,
     /// Registered pool bytes per shard.
     pub pool_bytes: usize,
+    /// Where shards publish their statistics.
+    pub stats: StatsHub,
 }
 
 /// A connected client socket.
@@ -123,6 +128,7 @@ enum Ctx {
     Io(usize),
     HandshakeTimer(usize, u64),
     StopTimer,
+    StatsTimer,
 }
 
 #[derive(Debug)]
@@ -194,6 +200,8 @@ enum Op {
 
 #[derive(Debug)]
 struct Request {
+    started: Instant,
+    stat: stats::Op,
     conn: usize,
     cookie: u64,
     offset: u64,
@@ -241,6 +249,7 @@ pub fn run(
              buffers. Raise the limit (LimitMEMLOCK=infinity, ulimit -l) for zero-copy I/O"
         );
     }
+    let exports = shared.exports.len();
     let mut shard = Shard {
         index,
         ring,
@@ -255,8 +264,10 @@ pub fn run(
         extents: Vec::with_capacity(proto::BLOCK_STATUS_EXTENTS_MAX),
         generation: 0,
         stop_deadline: None,
+        stats: ShardStats::new(exports),
     };
     shard.ring.read_word(wake_fd, Box::new(0), Ctx::Wake);
+    shard.ring.timeout(STATS_PUBLISH_INTERVAL, Ctx::StatsTimer);
     shard.run_loop()
 }
 
@@ -274,6 +285,7 @@ struct Shard {
     extents: Vec<Extent>,
     generation: u64,
     stop_deadline: Option<Instant>,
+    stats: ShardStats,
 }
 
 impl Shard {
@@ -318,6 +330,10 @@ impl Shard {
                     self.close(key, "handshake timed out");
                 }
             }
+            Ctx::StatsTimer => {
+                self.publish_stats();
+                self.ring.timeout(STATS_PUBLISH_INTERVAL, Ctx::StatsTimer);
+            }
             Ctx::StopTimer => {
                 if self
                     .stop_deadline
@@ -333,6 +349,11 @@ impl Shard {
                 }
             }
         }
+    }
+
+    fn publish_stats(&mut self) {
+        self.stats.in_flight = self.requests.len() as u64;
+        self.shared.stats.publish(self.index, &self.stats);
     }
 
     fn accept_new(&mut self) {
@@ -373,6 +394,8 @@ impl Shard {
                 export: 0,
             });
             self.load.connections.fetch_add(1, Ordering::Relaxed);
+            self.stats.accepted_total += 1;
+            self.stats.connections += 1;
             tracing::debug!(shard = self.index, peer = %self.conns[key].peer, "connection accepted");
             let timer = Ctx::HandshakeTimer(key, self.generation);
             self.ring
@@ -566,6 +589,7 @@ impl Shard {
                     style = ?session.reply_style, "client connected"
                 );
                 conn.export = session.export_id;
+                self.stats.exports[session.export_id].connections_total += 1;
                 conn.phase = Phase::Transmission(session);
                 set_nodelay(&conn.socket);
                 Step::Progress
@@ -608,6 +632,7 @@ impl Shard {
             Ok(None) => return Step::NeedInput,
             Err(error) => {
                 tracing::info!(shard = self.index, peer = %conn.peer, %error, "protocol error");
+                self.stats.protocol_errors_total += 1;
                 self.close(key, "bad request magic");
                 return Step::Blocked;
             }
@@ -654,6 +679,7 @@ impl Shard {
             }
             Verdict::Disconnect(reason) => {
                 tracing::info!(shard = self.index, peer = %conn.peer, reason, "protocol violation");
+                self.stats.protocol_errors_total += 1;
                 self.close(key, reason);
                 Step::Blocked
             }
@@ -670,7 +696,18 @@ impl Shard {
     ) -> bool {
         let export_id = self.conns[key].export;
         let backend = &self.shared.exports[export_id].backend;
+        let stat = match command {
+            Command::Read { .. } => stats::Op::Read,
+            Command::Write { .. } => stats::Op::Write,
+            Command::Trim { .. } => stats::Op::Trim,
+            Command::WriteZeroes { .. } => stats::Op::WriteZeroes,
+            Command::Cache { .. } => stats::Op::Cache,
+            Command::BlockStatus { .. } => stats::Op::BlockStatus,
+            Command::Flush | Command::Disconnect => stats::Op::Flush,
+        };
         let mut new = Request {
+            started: Instant::now(),
+            stat,
             conn: key,
             cookie: request.cookie,
             offset: request.offset,
@@ -880,6 +917,7 @@ impl Shard {
             .base_allocation
             .expect("validated: a context is negotiated");
         let backend = &self.shared.exports[conn.export].backend;
+        let (export, started) = (conn.export, Instant::now());
         let extents_max = if one {
             1
         } else {
@@ -911,6 +949,10 @@ impl Shard {
             }
         };
         self.extents = extents;
+        let latency_ns = started.elapsed().as_nanos() as u64;
+        let error = matches!(out, Out::Head(_));
+        self.stats
+            .record(export, stats::Op::BlockStatus, 0, latency_ns, error);
         self.queue_reply(key, out);
     }
 
@@ -1034,6 +1076,19 @@ impl Shard {
         let mut request = self.requests.remove(request_key);
         let conn = &mut self.conns[request.conn];
         conn.ops -= 1;
+        let bytes = if matches!(request.op, Op::Read | Op::Write) {
+            request.length
+        } else {
+            0
+        };
+        let latency_ns = request.started.elapsed().as_nanos() as u64;
+        self.stats.record(
+            conn.export,
+            request.stat,
+            bytes,
+            latency_ns,
+            outcome.is_err(),
+        );
         let Phase::Transmission(session) = &conn.phase else {
             unreachable!()
         };
@@ -1180,6 +1235,7 @@ impl Shard {
             }
         }
         self.load.connections.fetch_sub(1, Ordering::Relaxed);
+        self.stats.connections -= 1;
     }
 }
 
