@@ -250,6 +250,7 @@ pub fn run(
         );
     }
     let exports = shared.exports.len();
+    let lenient = lenient_views(&shared.infos);
     let mut shard = Shard {
         index,
         ring,
@@ -265,6 +266,7 @@ pub fn run(
         generation: 0,
         stop_deadline: None,
         stats: ShardStats::new(exports),
+        lenient,
     };
     shard.ring.read_word(wake_fd, Box::new(0), Ctx::Wake);
     shard.ring.timeout(STATS_PUBLISH_INTERVAL, Ctx::StatsTimer);
@@ -286,6 +288,8 @@ struct Shard {
     generation: u64,
     stop_deadline: Option<Instant>,
     stats: ShardStats,
+    /// Exports as validation sees them: any alignment is served (see `lenient_views`).
+    lenient: Vec<ExportInfo>,
 }
 
 impl Shard {
@@ -638,7 +642,7 @@ impl Shard {
             }
         };
         let export = &self.shared.exports[conn.export];
-        let verdict = validate::validate(&request, &export.info, session);
+        let verdict = validate::validate(&request, &self.lenient[export.info.id], session);
         let style = session.reply_style;
         match verdict {
             Verdict::Serve(Command::Disconnect) => {
@@ -1243,4 +1247,18 @@ fn set_nodelay(socket: &Socket) {
     if let Socket::Tcp(stream) = socket {
         let _ = stream.set_nodelay(true);
     }
+}
+
+/// The backend serves requests of any alignment (reads widen to the direct-I/O span, writes
+/// fall back to the buffered descriptor), so validation accepts a minimum block of 1 while
+/// the handshake keeps advertising the real direct-I/O minimum to clients that honour it.
+fn lenient_views(infos: &[ExportInfo]) -> Vec<ExportInfo> {
+    infos
+        .iter()
+        .map(|info| {
+            let mut lenient = info.clone();
+            lenient.block_size.minimum = 1;
+            lenient
+        })
+        .collect()
 }

@@ -146,16 +146,18 @@ impl FileBackend {
 
     /// Where to read `length` bytes at `offset`: `(fd, file_offset, span, skip)`; the reply
     /// data is `buffer[skip..skip + length]` after reading `span` bytes at `file_offset`.
+    /// The span never exceeds `max(length, PAYLOAD_BYTES_MAX)`: a maximal unaligned read,
+    /// which cannot widen within that bound, is served by the buffered descriptor instead.
     pub fn read_plan(&self, offset: u64, length: u64) -> (RawFd, u64, u64, u64) {
-        match &self.direct {
-            Some(direct) => {
-                let align = u64::from(self.alignment);
-                let start = offset / align * align;
-                let end = (offset + length).div_ceil(align) * align;
-                (direct.as_raw_fd(), start, end - start, offset - start)
+        if let Some(direct) = &self.direct {
+            let align = u64::from(self.alignment);
+            let start = offset / align * align;
+            let end = (offset + length).div_ceil(align) * align;
+            if end - start <= (proto::PAYLOAD_BYTES_MAX as u64).max(length) {
+                return (direct.as_raw_fd(), start, end - start, offset - start);
             }
-            None => (self.buffered.as_raw_fd(), offset, length, 0),
         }
+        (self.buffered.as_raw_fd(), offset, length, 0)
     }
 
     /// The descriptor that writes `length` bytes at `offset`: direct when aligned.
@@ -307,8 +309,15 @@ mod tests {
             return;
         }
         let align = u64::from(backend.alignment());
-        let (_, start, span, skip) = backend.read_plan(align + 3, 10);
+        let (direct_fd, start, span, skip) = backend.read_plan(align + 3, 10);
         assert_eq!((start, span, skip), (align, align, 3));
+        let max = proto::PAYLOAD_BYTES_MAX as u64;
+        let (fd, start, span, skip) = backend.read_plan(3, max);
+        assert_ne!(
+            fd, direct_fd,
+            "a maximal unaligned read cannot widen: buffered"
+        );
+        assert_eq!((start, span, skip), (3, max, 0));
         assert_ne!(backend.write_fd(3, 10), backend.write_fd(0, align));
     }
 }
