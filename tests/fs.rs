@@ -5,6 +5,8 @@
 //! Cycle 2: tear everything down, restart the server on the same image file, mount again
 //! through a fresh nbdfuse and loop device, `e2fsck -fn` again, verify every checksum. The
 //! second cycle proves the data went through the server, not just into the loop page cache.
+//!
+//! Also: a block device (a loop device) as the export PATH.
 
 mod common;
 
@@ -230,4 +232,56 @@ fn ext4_on_nbdfuse_loop_device_survives_remount_and_restart() {
     stack.mount(&device, &mnt);
     verify(&mnt, &manifest);
     stack.teardown().expect("clean teardown");
+}
+
+#[test]
+fn block_device_export_roundtrip() {
+    if !(require_root() && require_loop() && require_tools(&["losetup", "nbdcopy", "nbdinfo"])) {
+        return;
+    }
+    let dir = tempdir();
+    let backing = dir.path().join("backing.img");
+    sparse_file(&backing, 64 * MIB);
+    let mut stack = Stack::default();
+    let device = stack.losetup(&backing);
+    let mut server = ServerSpec::new(device.clone()).start();
+    let info = run(
+        Command::new("nbdinfo").args(["--size", &server.uri("")]),
+        TIMEOUT,
+    )
+    .ok();
+    assert_eq!(
+        info.trim(),
+        (64 * MIB).to_string(),
+        "block device export size"
+    );
+    let source = dir.path().join("source.raw");
+    random_file(&source, 64 * MIB);
+    run(
+        Command::new("nbdcopy")
+            .args(["--flush"])
+            .arg(&source)
+            .arg(server.uri("")),
+        TIMEOUT,
+    )
+    .ok();
+    let back = dir.path().join("back.raw");
+    run(
+        Command::new("nbdcopy").arg(server.uri("")).arg(&back),
+        TIMEOUT,
+    )
+    .ok();
+    let want = sha256_file(&source);
+    assert_eq!(
+        sha256_file(&back),
+        want,
+        "data read back from the block device export"
+    );
+    assert!(server.terminate().success());
+    stack.teardown().expect("detach loop device");
+    assert_eq!(
+        sha256_file(&backing),
+        want,
+        "the loop device's backing file"
+    );
 }
