@@ -896,7 +896,7 @@ fn fold_reply(entry: &mut (bool, u64, u64, Outcome), reply: &Reply, extended: bo
                 "compact BLOCK_STATUS chunk under extended headers"
             );
             assert!(
-                p.len() >= 12 && (p.len() - 4) % 8 == 0,
+                p.len() >= 12 && (p.len() - 4).is_multiple_of(8),
                 "bad BLOCK_STATUS length"
             );
             let id = be32(p);
@@ -908,7 +908,7 @@ fn fold_reply(entry: &mut (bool, u64, u64, Outcome), reply: &Reply, extended: bo
         }
         REPLY_TYPE_BLOCK_STATUS_EXT => {
             assert!(
-                p.len() >= 24 && (p.len() - 8) % 16 == 0,
+                p.len() >= 24 && (p.len() - 8).is_multiple_of(16),
                 "bad BLOCK_STATUS_EXT length"
             );
             let (id, count) = (be32(p), be32(&p[4..]) as usize);
