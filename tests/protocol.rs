@@ -291,3 +291,34 @@ fn unaligned_io_on_o_direct_export_matches_a_model() {
     let first_diff = disk.iter().zip(&model).position(|(a, b)| a != b);
     assert_eq!(first_diff, None, "file differs from the model");
 }
+
+/// qemu 10 negotiates extended headers and sends NBD_CMD_WRITE *without*
+/// NBD_CMD_FLAG_PAYLOAD_LEN. The length is still the payload length: the server must consume it
+/// and stay in sync (qemu-nbd and nbdkit accept such writes).
+#[test]
+fn extended_write_without_payload_len_keeps_framing() {
+    let server = ServerSpec::new("memory:4M").start();
+    let mut c = RawClient::handshake(server.socket()).unwrap();
+    assert_eq!(
+        c.option(OPT_EXTENDED_HEADERS, &[]).unwrap().reply_type,
+        REP_ACK
+    );
+    c.extended = true;
+    c.go("", &[]).unwrap().expect("GO");
+    let data = pattern(8192, 4096, 21);
+    let cookie = c.cookie();
+    let mut msg = c.request_bytes(0, CMD_WRITE, cookie, 8192, 4096); // no PAYLOAD_LEN flag
+    msg.extend_from_slice(&data);
+    c.write_all(&msg).unwrap();
+    let outcome = c
+        .wait(cookie, false, 8192, 4096)
+        .expect("a reply, not a dropped connection");
+    let got = c
+        .read(8192, 4096)
+        .unwrap()
+        .expect("stream in sync after the WRITE");
+    match outcome.error {
+        None => assert_eq!(got, data, "accepted WRITE was not applied"),
+        Some(err) => assert_eq!(err, EINVAL, "refused WRITE: only EINVAL is fair"),
+    }
+}
