@@ -10,6 +10,8 @@
 pub mod backend;
 pub mod codec;
 pub mod export;
+pub mod fault;
 pub mod handshake;
 pub mod proto;
 pub mod validate;
+pub mod volatile;
