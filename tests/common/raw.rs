@@ -868,67 +868,24 @@ fn fold_reply(entry: &mut (bool, u64, u64, Outcome), reply: &Reply, extended: bo
         return;
     }
     let p = &reply.payload;
-    let place = |outcome: &mut Outcome, at: u64, len: u64| -> usize {
-        assert!(
-            at >= *req_offset && at + len <= *req_offset + *req_len,
-            "chunk {at}+{len} outside request {req_offset}+{req_len}"
-        );
-        outcome.content_chunks += 1;
-        (at - *req_offset) as usize
-    };
     match reply.chunk_type {
         REPLY_TYPE_NONE => assert!(p.is_empty(), "NONE chunk with payload"),
-        REPLY_TYPE_OFFSET_DATA => {
-            assert!(p.len() > 8, "OFFSET_DATA needs an offset and data");
-            let at = place(outcome, be64(p), (p.len() - 8) as u64);
-            outcome.data[at..at + p.len() - 8].copy_from_slice(&p[8..]);
+        REPLY_TYPE_OFFSET_DATA | REPLY_TYPE_OFFSET_HOLE => {
+            fold_content(outcome, *req_offset, *req_len, reply.chunk_type, p);
         }
-        REPLY_TYPE_OFFSET_HOLE => {
-            assert_eq!(p.len(), 12, "OFFSET_HOLE is 12 bytes");
-            let size = u64::from(be32(&p[8..]));
-            assert!(size > 0, "OFFSET_HOLE of size 0");
-            let at = place(outcome, be64(p), size);
-            outcome.data[at..at + size as usize].fill(0);
-        }
-        REPLY_TYPE_BLOCK_STATUS => {
-            assert!(
-                !extended,
-                "compact BLOCK_STATUS chunk under extended headers"
-            );
-            assert!(
-                p.len() >= 12 && (p.len() - 4).is_multiple_of(8),
-                "bad BLOCK_STATUS length"
-            );
-            let id = be32(p);
-            for d in p[4..].chunks(8) {
-                outcome
-                    .extents
-                    .push((id, be32(d).into(), be32(&d[4..]).into()));
-            }
-        }
-        REPLY_TYPE_BLOCK_STATUS_EXT => {
-            assert!(
-                p.len() >= 24 && (p.len() - 8).is_multiple_of(16),
-                "bad BLOCK_STATUS_EXT length"
-            );
-            let (id, count) = (be32(p), be32(&p[4..]) as usize);
-            assert_eq!(count, (p.len() - 8) / 16, "BLOCK_STATUS_EXT count mismatch");
-            for d in p[8..].chunks(16) {
-                outcome.extents.push((id, be64(d), be64(&d[8..])));
-            }
+        REPLY_TYPE_BLOCK_STATUS | REPLY_TYPE_BLOCK_STATUS_EXT => {
+            fold_block_status(outcome, reply.chunk_type, p, extended);
         }
         REPLY_TYPE_ERROR | REPLY_TYPE_ERROR_OFFSET => {
             assert!(p.len() >= 6, "short error chunk");
             let error = be32(p);
             assert_ne!(error, 0, "error chunk with error 0");
-            let msg_len = usize::from(be16(&p[4..]));
-            let want = 6
-                + msg_len
-                + if reply.chunk_type == REPLY_TYPE_ERROR_OFFSET {
-                    8
-                } else {
-                    0
-                };
+            let offset_len = if reply.chunk_type == REPLY_TYPE_ERROR_OFFSET {
+                8
+            } else {
+                0
+            };
+            let want = 6 + usize::from(be16(&p[4..])) + offset_len;
             assert_eq!(
                 p.len(),
                 want,
@@ -937,5 +894,59 @@ fn fold_reply(entry: &mut (bool, u64, u64, Outcome), reply: &Reply, extended: bo
             outcome.error.get_or_insert(error);
         }
         other => panic!("unknown chunk type {other:#x}: {reply:?}"),
+    }
+}
+
+/// OFFSET_DATA / OFFSET_HOLE: must lie inside the request; copied (or zeroed) into place.
+fn fold_content(outcome: &mut Outcome, req_offset: u64, req_len: u64, chunk_type: u16, p: &[u8]) {
+    let (at, len) = if chunk_type == REPLY_TYPE_OFFSET_DATA {
+        assert!(p.len() > 8, "OFFSET_DATA needs an offset and data");
+        (be64(p), (p.len() - 8) as u64)
+    } else {
+        assert_eq!(p.len(), 12, "OFFSET_HOLE is 12 bytes");
+        let size = u64::from(be32(&p[8..]));
+        assert!(size > 0, "OFFSET_HOLE of size 0");
+        (be64(p), size)
+    };
+    assert!(
+        at >= req_offset && at + len <= req_offset + req_len,
+        "chunk {at}+{len} outside request {req_offset}+{req_len}"
+    );
+    outcome.content_chunks += 1;
+    let range = (at - req_offset) as usize..(at - req_offset + len) as usize;
+    if chunk_type == REPLY_TYPE_OFFSET_DATA {
+        outcome.data[range].copy_from_slice(&p[8..]);
+    } else {
+        outcome.data[range].fill(0);
+    }
+}
+
+/// BLOCK_STATUS (compact headers only) and BLOCK_STATUS_EXT descriptors.
+fn fold_block_status(outcome: &mut Outcome, chunk_type: u16, p: &[u8], extended: bool) {
+    if chunk_type == REPLY_TYPE_BLOCK_STATUS {
+        assert!(
+            !extended,
+            "compact BLOCK_STATUS chunk under extended headers"
+        );
+        assert!(
+            p.len() >= 12 && (p.len() - 4).is_multiple_of(8),
+            "bad BLOCK_STATUS length"
+        );
+        let id = be32(p);
+        for d in p[4..].chunks(8) {
+            outcome
+                .extents
+                .push((id, be32(d).into(), be32(&d[4..]).into()));
+        }
+    } else {
+        assert!(
+            p.len() >= 24 && (p.len() - 8).is_multiple_of(16),
+            "bad BLOCK_STATUS_EXT length"
+        );
+        let (id, count) = (be32(p), be32(&p[4..]) as usize);
+        assert_eq!(count, (p.len() - 8) / 16, "BLOCK_STATUS_EXT count mismatch");
+        for d in p[8..].chunks(16) {
+            outcome.extents.push((id, be64(d), be64(&d[8..])));
+        }
     }
 }
