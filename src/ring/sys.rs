@@ -202,3 +202,201 @@ pub fn poll_readable(fds: &[RawFd], timeout_ms: i32, ready: &mut Vec<bool>) -> i
     ready.extend(polls.iter().map(|p| p.revents != 0));
     Ok(())
 }
+
+// ------------------------------------------------------------ process identity, inherited fds
+
+/// Longest buffer `getpwnam_r`/`getgrnam_r` may ask for before we give up.
+const PASSWD_BUFFER_BYTES_MAX: usize = 1 << 20;
+
+/// Calls a `get*nam_r` function with a growing scratch buffer; `lookup` returns its error
+/// number and whether an entry was found.
+fn with_nss_buffer<T>(
+    mut lookup: impl FnMut(&mut [u8]) -> (libc::c_int, Option<T>),
+) -> io::Result<Option<T>> {
+    let mut buffer = vec![0u8; 4096];
+    loop {
+        match lookup(&mut buffer) {
+            (0, found) => return Ok(found),
+            (libc::ERANGE, _) if buffer.len() < PASSWD_BUFFER_BYTES_MAX => {
+                buffer.resize(buffer.len() * 2, 0);
+            }
+            (libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM, _) => return Ok(None),
+            (errno, _) => return Err(io::Error::from_raw_os_error(errno)),
+        }
+    }
+}
+
+/// The uid and primary gid of user `name` (`getpwnam_r`); `None` if there is no such user.
+pub fn user_ids(name: &str) -> io::Result<Option<(u32, u32)>> {
+    let name =
+        std::ffi::CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    with_nss_buffer(|buffer| {
+        // SAFETY: passwd is a plain C struct; all-zero is a valid value.
+        let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: `name` is NUL-terminated; `entry`, `buffer` (with its true length) and
+        // `result` are live for the call; the strings the entry points to live in `buffer`,
+        // and we read only the integer fields before `buffer` is touched again.
+        let rc = unsafe {
+            libc::getpwnam_r(
+                name.as_ptr(),
+                &mut entry,
+                buffer.as_mut_ptr().cast(),
+                buffer.len(),
+                &mut result,
+            )
+        };
+        (
+            rc,
+            (!result.is_null()).then_some((entry.pw_uid, entry.pw_gid)),
+        )
+    })
+}
+
+/// The gid of group `name` (`getgrnam_r`); `None` if there is no such group.
+pub fn group_id(name: &str) -> io::Result<Option<u32>> {
+    let name =
+        std::ffi::CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    with_nss_buffer(|buffer| {
+        // SAFETY: group is a plain C struct; all-zero is a valid value.
+        let mut entry: libc::group = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: as in `user_ids`: every pointer is to a live local or to `buffer` with its
+        // true length, and only the integer field is read.
+        let rc = unsafe {
+            libc::getgrnam_r(
+                name.as_ptr(),
+                &mut entry,
+                buffer.as_mut_ptr().cast(),
+                buffer.len(),
+                &mut result,
+            )
+        };
+        (rc, (!result.is_null()).then_some(entry.gr_gid))
+    })
+}
+
+/// Switches the process to `uid` and `gid`, with `gid` as its only group: `setgroups`,
+/// `setgid`, then `setuid` (glibc applies each to every thread of the process). Fails if any
+/// step fails or if root could be regained afterwards.
+pub fn switch_identity(uid: u32, gid: u32) -> io::Result<()> {
+    let groups = [gid];
+    // SAFETY: `groups` is a live array of exactly 1 gid.
+    check(unsafe { libc::setgroups(1, groups.as_ptr()) })?;
+    // SAFETY: setgid and setuid take no pointers.
+    check(unsafe { libc::setgid(gid) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::setuid(uid) })?;
+    // SAFETY: the get*id calls take no arguments and cannot fail.
+    let now = unsafe {
+        (
+            libc::getuid(),
+            libc::geteuid(),
+            libc::getgid(),
+            libc::getegid(),
+        )
+    };
+    if now != (uid, uid, gid, gid) {
+        return Err(io::Error::other("the identity did not change"));
+    }
+    // SAFETY: setuid takes no pointers; it must fail now unless uid is 0.
+    if uid != 0 && unsafe { libc::setuid(0) } == 0 {
+        return Err(io::Error::other("root privileges could be regained"));
+    }
+    Ok(())
+}
+
+/// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
+pub const LISTEN_FDS_START: RawFd = 3;
+/// Most inherited sockets accepted.
+pub const LISTEN_FDS_MAX: usize = 64;
+
+/// Which inherited descriptors were already taken (bit `fd - LISTEN_FDS_START`).
+static LISTEN_FDS_TAKEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A listening socket inherited from the service manager.
+#[derive(Debug)]
+pub enum InheritedListener {
+    /// An IPv4 or IPv6 stream socket.
+    Tcp(std::net::TcpListener),
+    /// A unix stream socket.
+    Unix(std::os::unix::net::UnixListener),
+}
+
+/// Takes ownership of inherited descriptor `fd` (systemd socket activation: `LISTEN_FDS`
+/// descriptors from [`LISTEN_FDS_START`]) after checking that it is an open, listening
+/// stream socket, and marks it close-on-exec.
+///
+/// # Contract
+///
+/// Call it before the process opens any descriptor of its own, so that a descriptor in the
+/// `LISTEN_FDS` range can only be an inherited one. Each descriptor can be taken once; a
+/// second call for the same number fails with `EBADF`.
+pub fn take_listening_socket(fd: RawFd) -> io::Result<InheritedListener> {
+    let index = usize::try_from(fd - LISTEN_FDS_START)
+        .ok()
+        .filter(|index| *index < LISTEN_FDS_MAX)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))?;
+    let bit = 1u64 << index;
+    if LISTEN_FDS_TAKEN.fetch_or(bit, std::sync::atomic::Ordering::AcqRel) & bit != 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: fcntl(F_GETFD) takes no pointers; a closed fd yields EBADF.
+    check(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
+    if socket_option(fd, libc::SO_TYPE)? != libc::SOCK_STREAM {
+        return Err(io::Error::other("not a stream socket"));
+    }
+    if socket_option(fd, libc::SO_ACCEPTCONN)? != 1 {
+        return Err(io::Error::other("not a listening socket"));
+    }
+    // SAFETY: sockaddr_storage is a plain C struct; all-zero is a valid value.
+    let mut address: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut length = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `address` is a live sockaddr_storage and `length` holds its true size.
+    check(unsafe {
+        libc::getsockname(
+            fd,
+            (&mut address as *mut libc::sockaddr_storage).cast(),
+            &mut length,
+        )
+    })?;
+    // SAFETY: fcntl(F_SETFD) takes no pointers.
+    check(unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) })?;
+    // SAFETY: `fd` is open (F_GETFD succeeded), was inherited (the caller's contract: nothing
+    // in this process opened descriptors yet), and the bit set above guarantees this is the
+    // only owner created for it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    match libc::c_int::from(address.ss_family) {
+        libc::AF_INET | libc::AF_INET6 => Ok(InheritedListener::Tcp(owned.into())),
+        libc::AF_UNIX => Ok(InheritedListener::Unix(owned.into())),
+        family => {
+            // Dropping `owned` closes a socket we cannot serve on.
+            drop(owned);
+            Err(io::Error::other(format!(
+                "unsupported address family {family}"
+            )))
+        }
+    }
+}
+
+fn socket_option(fd: RawFd, option: libc::c_int) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut length = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` is a live int and `length` holds its true size.
+    check(unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            option,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut length,
+        )
+    })?;
+    Ok(value)
+}
+
+/// The effective user id.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid takes no arguments and cannot fail.
+    unsafe { libc::geteuid() }
+}
