@@ -25,6 +25,7 @@
 #![warn(missing_docs, missing_debug_implementations)]
 
 pub mod config;
+pub mod metrics;
 #[allow(unsafe_code)]
 pub mod ring;
 pub mod server;
