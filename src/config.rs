@@ -19,6 +19,14 @@ pub const RING_ENTRIES: u32 = 1024;
 pub const HANDSHAKE_TIMEOUT_SECONDS: u64 = 30;
 /// Longest shutdown waits for in-flight requests before closing connections.
 pub const SHUTDOWN_GRACE_SECONDS: u64 = 10;
+/// Default limit on open client connections (all listeners, all exports, handshake included).
+pub const MAX_CONNECTIONS_DEFAULT: usize = 1024;
+/// Largest `max_connections` accepted.
+pub const MAX_CONNECTIONS_MAX: usize = 1 << 20;
+/// Largest handshake timeout accepted, in seconds.
+pub const HANDSHAKE_TIMEOUT_SECONDS_MAX: u64 = 3600;
+/// Longest export name or description (the protocol's string limit).
+pub const EXPORT_TEXT_BYTES_MAX: usize = crate::target::proto::NAME_BYTES_MAX;
 
 /// One export as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +41,8 @@ pub struct ExportSpec {
     pub read_only: bool,
     /// Page-cache use.
     pub cache: CacheMode,
+    /// Create the file with this many bytes (sparse) if it does not exist (file exports only).
+    pub create_bytes: Option<u64>,
 }
 
 impl ExportSpec {
@@ -42,27 +52,114 @@ impl ExportSpec {
             Some((name, path)) => (name, path),
             None => ("", text),
         };
-        if name.len() > 4096 || name.contains('\0') {
-            return Err(format!(
-                "export name in '{text}' is too long or contains NUL"
-            ));
-        }
-        if path.is_empty() {
-            return Err(format!("export '{text}' has no path"));
-        }
-        let source = match path.strip_prefix("memory:") {
-            Some(size) => Source::Memory(parse_size(size)?),
-            None => Source::Path(PathBuf::from(path)),
-        };
+        check_export_name(name).map_err(|error| format!("export '{text}': {error}"))?;
+        let source = parse_source(path).map_err(|error| format!("export '{text}': {error}"))?;
         Ok(ExportSpec {
             name: name.to_string(),
             description: String::new(),
             source,
             read_only,
             cache,
+            create_bytes: None,
         })
     }
 }
+
+/// Checks an export name: at most [`EXPORT_TEXT_BYTES_MAX`] bytes, no NUL.
+pub fn check_export_name(name: &str) -> Result<(), String> {
+    if name.len() > EXPORT_TEXT_BYTES_MAX || name.contains('\0') {
+        return Err(format!(
+            "export name is longer than {EXPORT_TEXT_BYTES_MAX} bytes or contains NUL"
+        ));
+    }
+    Ok(())
+}
+
+/// Parses an export path: `memory:SIZE` or a file or block device path.
+pub fn parse_source(path: &str) -> Result<Source, String> {
+    if path.is_empty() {
+        return Err("the path is empty".into());
+    }
+    match path.strip_prefix("memory:") {
+        Some(size) => Ok(Source::Memory(parse_size(size)?)),
+        None => Ok(Source::Path(PathBuf::from(path))),
+    }
+}
+
+/// Checks a TCP listen address of the form `HOST:PORT`, `IPV4:PORT` or `[IPV6]:PORT`
+/// without resolving it (host names are resolved when binding).
+pub fn check_address(address: &str) -> Result<(), String> {
+    let bad = || format!("'{address}' is not HOST:PORT (IPv6 in brackets: [::1]:10809)");
+    let (host, port) = address.rsplit_once(':').ok_or_else(bad)?;
+    port.parse::<u16>().map_err(|_| bad())?;
+    if let Some(inner) = host.strip_prefix('[') {
+        let inner = inner.strip_suffix(']').ok_or_else(bad)?;
+        inner.parse::<std::net::Ipv6Addr>().map_err(|_| bad())?;
+    } else if host.is_empty() || host.contains(':') || host.contains(char::is_whitespace) {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+/// Parses a unix socket mode given in octal (`0660`, `660`, `0o660`); only permission bits.
+pub fn parse_unix_mode(text: &str) -> Result<u32, String> {
+    let digits = text.trim().trim_start_matches("0o");
+    let mode = u32::from_str_radix(digits, 8)
+        .map_err(|_| format!("unix mode '{text}' is not an octal number such as 0660"))?;
+    check_unix_mode(mode)?;
+    Ok(mode)
+}
+
+/// Checks that a unix socket mode has only permission bits (`0o777`).
+pub fn check_unix_mode(mode: u32) -> Result<(), String> {
+    if mode & !0o777 != 0 {
+        return Err(format!(
+            "unix mode {mode:#o} has bits beyond 0o777 (write it in octal: \"0660\" or 0o660)"
+        ));
+    }
+    Ok(())
+}
+
+/// Formats a byte count in the largest binary unit that divides it (`1G`, `1536K`, `100`).
+pub fn format_size(bytes: u64) -> String {
+    for (shift, unit) in [(40, 'T'), (30, 'G'), (20, 'M'), (10, 'K')] {
+        if bytes != 0 && bytes.trailing_zeros() >= shift {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
+}
+
+/// Checks that `value` is in `range`; the message names `what` (a key or a flag).
+pub fn check_range<T>(
+    what: &str,
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<(), String>
+where
+    T: PartialOrd + std::fmt::Display,
+{
+    if range.contains(&value) {
+        return Ok(());
+    }
+    Err(format!(
+        "{what} {value} is out of range ({}..={})",
+        range.start(),
+        range.end()
+    ))
+}
+
+/// Valid shard counts.
+pub const SHARDS_RANGE: std::ops::RangeInclusive<usize> = 1..=1024;
+/// Valid per-connection queue depths.
+pub const QUEUE_DEPTH_RANGE: std::ops::RangeInclusive<u32> = 1..=4096;
+/// Valid buffer pool sizes per shard, in MiB.
+pub const BUFFER_MIB_RANGE: std::ops::RangeInclusive<usize> = 32..=65536;
+/// Valid connection limits.
+pub const MAX_CONNECTIONS_RANGE: std::ops::RangeInclusive<usize> = 1..=MAX_CONNECTIONS_MAX;
+/// Valid handshake timeouts, in seconds.
+pub const HANDSHAKE_TIMEOUT_SECONDS_RANGE: std::ops::RangeInclusive<u64> =
+    1..=HANDSHAKE_TIMEOUT_SECONDS_MAX;
 
 /// Parses a size such as `512`, `64K`, `100M`, `1G`, `2T` (binary units, optional `iB`/`B`).
 pub fn parse_size(text: &str) -> Result<u64, String> {
@@ -102,7 +199,7 @@ pub enum Listen {
 pub struct Config {
     /// Exports, in order; ids are indexes into this list.
     pub exports: Vec<ExportSpec>,
-    /// Listeners.
+    /// Listeners to bind (sockets inherited from systemd come on top of these).
     pub listen: Vec<Listen>,
     /// Number of shards (threads with a ring each).
     pub shards: usize,
@@ -110,6 +207,12 @@ pub struct Config {
     pub queue_depth: u32,
     /// Registered buffer pool per shard, MiB.
     pub buffer_mib: usize,
+    /// Open client connections allowed at once; the acceptor closes any beyond it.
+    pub max_connections: usize,
+    /// Longest a client may take to finish the handshake.
+    pub handshake_timeout_seconds: u64,
+    /// Permission bits of unix sockets this server creates (`None`: as the umask leaves them).
+    pub unix_mode: Option<u32>,
 }
 
 impl Config {
@@ -125,27 +228,42 @@ impl Config {
             {
                 return Err(format!("export name '{}' is used twice", export.name));
             }
+            check_export_name(&export.name)?;
+            if export.description.len() > EXPORT_TEXT_BYTES_MAX {
+                return Err(format!(
+                    "export '{}': the description is longer than {EXPORT_TEXT_BYTES_MAX} bytes",
+                    export.name
+                ));
+            }
+            if export.create_bytes.is_some() && matches!(export.source, Source::Memory(_)) {
+                return Err(format!(
+                    "export '{}': a size to create applies to files, not memory:SIZE",
+                    export.name
+                ));
+            }
         }
-        if self.listen.is_empty() {
-            return Err("no listeners".into());
+        // An empty list is fine only under socket activation; the caller adds the default
+        // listener otherwise (see `config_file::resolve`).
+        for listen in &self.listen {
+            if let Listen::Tcp(address) = listen {
+                check_address(address).map_err(|error| format!("--listen: {error}"))?;
+            }
         }
-        if self.shards == 0 || self.shards > 1024 {
-            return Err(format!(
-                "--shards {} is out of range (1..=1024)",
-                self.shards
-            ));
-        }
-        if !(1..=4096).contains(&self.queue_depth) {
-            return Err(format!(
-                "--queue-depth {} is out of range (1..=4096)",
-                self.queue_depth
-            ));
-        }
-        if !(32..=65536).contains(&self.buffer_mib) {
-            return Err(format!(
-                "--buffer-mib {} is out of range (32..=65536)",
-                self.buffer_mib
-            ));
+        check_range("--shards", self.shards, SHARDS_RANGE)?;
+        check_range("--queue-depth", self.queue_depth, QUEUE_DEPTH_RANGE)?;
+        check_range("--buffer-mib", self.buffer_mib, BUFFER_MIB_RANGE)?;
+        check_range(
+            "--max-connections",
+            self.max_connections,
+            MAX_CONNECTIONS_RANGE,
+        )?;
+        check_range(
+            "--handshake-timeout-seconds",
+            self.handshake_timeout_seconds,
+            HANDSHAKE_TIMEOUT_SECONDS_RANGE,
+        )?;
+        if let Some(mode) = self.unix_mode {
+            check_unix_mode(mode)?;
         }
         Ok(())
     }
@@ -177,5 +295,47 @@ mod tests {
         assert_eq!(spec.source, Source::Path("/srv/disk.img".into()));
         assert!(spec.read_only);
         assert!(ExportSpec::parse("a=", false, CacheMode::Direct).is_err());
+    }
+
+    #[test]
+    fn addresses_are_checked_without_resolving() {
+        for good in [
+            "127.0.0.1:10809",
+            "[::]:10809",
+            "[::1]:1",
+            "localhost:10809",
+        ] {
+            assert_eq!(check_address(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "not-an-address",
+            ":10809",
+            "[::1:10809",
+            "::1:10809",
+            "a:99999",
+            "a:",
+        ] {
+            assert!(check_address(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn unix_modes_are_octal_permission_bits() {
+        assert_eq!(parse_unix_mode("0660"), Ok(0o660));
+        assert_eq!(parse_unix_mode("600"), Ok(0o600));
+        assert_eq!(parse_unix_mode("0o777"), Ok(0o777));
+        assert!(parse_unix_mode("4755").is_err());
+        assert!(parse_unix_mode("0668").is_err());
+        assert!(check_unix_mode(660).is_err(), "decimal 660 is 0o1224");
+    }
+
+    #[test]
+    fn sizes_format_in_the_largest_exact_unit() {
+        assert_eq!(format_size(1 << 30), "1G");
+        assert_eq!(format_size(1536 << 10), "1536K");
+        assert_eq!(format_size(100), "100");
+        for bytes in [1u64 << 30, 1536 << 10, 100, 3 << 40] {
+            assert_eq!(parse_size(&format_size(bytes)), Ok(bytes));
+        }
     }
 }

@@ -25,10 +25,13 @@
 #![warn(missing_docs, missing_debug_implementations)]
 
 pub mod config;
+pub mod config_file;
 pub mod metrics;
+pub mod process;
 #[allow(unsafe_code)]
 pub mod ring;
 pub mod server;
 pub mod shard;
 pub mod stats;
+pub mod systemd;
 pub mod target;

@@ -1,13 +1,30 @@
-//! `ringbd`: command line → [`Config`] → server. `anyhow` lives only here.
+//! `ringbd`: command line → [`Settings`] → server. `anyhow` lives only here.
+//!
+//! # Exit codes
+//!
+//! * 0: clean stop (SIGTERM/SIGINT), or `check-config` found the file valid.
+//! * 1: runtime error (cannot bind, open an export, switch user, write the PID file, ...).
+//! * 2: usage or configuration error (bad flag, bad or unreadable configuration file).
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use ringbd::config::{self, Config, ExportSpec, Listen};
+use ringbd::config::{self, Config};
+use ringbd::config_file::{self, Environment, Overrides, Settings};
+use ringbd::process::{self, PidFile};
 use ringbd::ring::sys;
+use ringbd::server::Listener;
+use ringbd::systemd;
 use ringbd::target::backend::CacheMode;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+
+/// Exit code of a clean stop.
+const EXIT_OK: i32 = 0;
+/// Exit code of a runtime error.
+const EXIT_RUNTIME: i32 = 1;
+/// Exit code of a usage or configuration error (as clap uses for bad flags).
+const EXIT_USAGE: i32 = 2;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -15,7 +32,13 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     version,
     about = "A Network Block Device (NBD) server on io_uring",
     long_about = "ringbd serves files, block devices and RAM disks over the NBD protocol, with \
-                  one io_uring shard per core, registered buffers and O_DIRECT."
+                  one io_uring shard per core, registered buffers and O_DIRECT.",
+    after_help = "EXIT CODES:
+  0  clean stop (SIGTERM/SIGINT), or check-config found the file valid
+  1  runtime error (bind, open, user switch, PID file)
+  2  usage or configuration error
+
+See docs/CONFIGURATION.md and docs/OPERATIONS.md."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -32,43 +55,99 @@ enum Commands {
       a disk image with O_DIRECT on a unix socket (qemu: nbd+unix:///?socket=/run/ringbd.sock)
   ringbd serve --listen [::]:10809 vm1=/dev/vg0/vm1 vm2=/srv/vm2.img scratch=memory:4G
       three named exports (nbd://host/vm1 ...)
-  ringbd serve --read-only --cache writeback --shards 4 /srv/golden.img")]
-    Serve(ServeArgs),
+  ringbd serve --read-only --cache writeback --shards 4 /srv/golden.img
+  ringbd serve --create 20G new=/srv/nbd/new.img
+      create /srv/nbd/new.img as a 20 GiB sparse file if it does not exist
+  ringbd serve --config /etc/ringbd/ringbd.toml
+      everything from the file (see `ringbd check-config`)
+  ringbd serve --config /etc/ringbd/ringbd.toml --log-level debug extra=/srv/extra.img
+      flags override the file; EXPORT arguments are added to its exports
+  ringbd serve --config /etc/ringbd/ringbd.toml --metrics 127.0.0.1:9810 \\
+        --pid-file /run/ringbd/ringbd.pid --user ringbd --group disk
+      Prometheus on http://127.0.0.1:9810/metrics; run as ringbd:disk once set up
+
+Under systemd socket activation (LISTEN_FDS), the inherited sockets are served and no
+default listener is added. See contrib/ringbd.service and contrib/ringbd.socket.")]
+    Serve(Box<ServeArgs>),
+    /// Validate a configuration file and print the effective configuration.
+    #[command(after_help = "EXAMPLES:
+  ringbd check-config /etc/ringbd/ringbd.toml
+      prints every setting with its effective value (defaults filled in) as TOML
+  ringbd check-config ringbd.toml > /dev/null && systemctl restart ringbd
+      exit code 0 when the file is valid, 2 (with the file, line, key and reason on
+      stderr) when it is not
+
+Checks on this host (export files missing without a size to create them, unknown user or
+group) are printed as warnings and do not change the exit code.")]
+    CheckConfig {
+        /// The TOML configuration file.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
 }
 
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
     /// Exports as [NAME=]PATH; PATH is a file, a block device or memory:SIZE (e.g. memory:1G).
-    /// A bare PATH is the default export (name "").
-    #[arg(required = true, value_name = "EXPORT")]
+    /// A bare PATH is the default export (name ""). Added to the exports of --config.
+    #[arg(value_name = "EXPORT")]
     exports: Vec<String>,
+    /// TOML configuration file; flags given here override its values.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Listen on a unix socket at PATH.
     #[arg(long, value_name = "PATH")]
     unix: Option<PathBuf>,
-    /// Listen on TCP HOST:PORT (repeatable). Default [::]:10809 when no --unix is given.
+    /// Permission bits of the unix socket, in octal (e.g. 0660). Default: from the umask.
+    #[arg(long, value_name = "MODE", value_parser = config::parse_unix_mode)]
+    unix_mode: Option<u32>,
+    /// Listen on TCP HOST:PORT (repeatable). Default [::]:10809 when no listener is
+    /// configured and no socket is inherited from systemd.
     #[arg(long, value_name = "HOST:PORT")]
     listen: Vec<String>,
     /// Serve every export read-only.
     #[arg(long)]
     read_only: bool,
+    /// Create file exports that do not exist as sparse files of SIZE (e.g. 20G).
+    #[arg(long, value_name = "SIZE", value_parser = config::parse_size)]
+    create: Option<u64>,
     /// Number of shards (threads, each with its own io_uring). Default: one per online core.
     #[arg(long, value_name = "N")]
     shards: Option<usize>,
-    /// Page-cache mode for file exports.
-    #[arg(long, value_enum, default_value_t = CacheArg::Direct)]
-    cache: CacheArg,
-    /// Maximum in-flight requests per connection.
-    #[arg(long, value_name = "N", default_value_t = config::QUEUE_DEPTH_DEFAULT)]
-    queue_depth: u32,
-    /// Registered buffer pool per shard, in MiB (bounds the server's I/O memory).
-    #[arg(long, value_name = "MIB", default_value_t = config::BUFFER_MIB_DEFAULT)]
-    buffer_mib: usize,
-    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
-    #[arg(long, default_value = "info")]
-    log_level: String,
-    /// Log format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
+    /// Page-cache mode for file exports (every export). Default: direct.
+    #[arg(long, value_enum)]
+    cache: Option<CacheArg>,
+    /// Maximum in-flight requests per connection. Default: 256.
+    #[arg(long, value_name = "N")]
+    queue_depth: Option<u32>,
+    /// Registered buffer pool per shard, in MiB (bounds the server's I/O memory). Default: 128.
+    #[arg(long, value_name = "MIB")]
+    buffer_mib: Option<usize>,
+    /// Maximum open client connections; more are closed at once. Default: 1024.
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+    /// Seconds a client may take to finish the handshake. Default: 30.
+    #[arg(long, value_name = "SECONDS")]
+    handshake_timeout_seconds: Option<u64>,
+    /// Serve Prometheus metrics on http://HOST:PORT/metrics.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics: Option<String>,
+    /// Write the process id to PATH (removed on a clean stop).
+    #[arg(long, value_name = "PATH")]
+    pid_file: Option<PathBuf>,
+    /// Switch to USER (name or uid) after binding and opening exports.
+    #[arg(long, value_name = "USER")]
+    user: Option<String>,
+    /// Switch to GROUP (name or gid) after binding; default: the user's primary group.
+    #[arg(long, value_name = "GROUP")]
+    group: Option<String>,
+    /// Log level or filter (error, warn, info, debug, trace, ringbd=debug); RUST_LOG
+    /// overrides it. Default: info.
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
+    /// Log format. Default: text.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -87,71 +166,196 @@ enum LogFormat {
     Json,
 }
 
+/// Why the process exits non-zero.
+#[derive(Debug)]
+enum Failure {
+    /// A usage or configuration error (exit 2).
+    Usage(anyhow::Error),
+    /// Anything that went wrong while acting on the system (exit 1).
+    Runtime(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Failure {
+        Failure::Runtime(error)
+    }
+}
+
+fn usage(error: impl std::fmt::Display) -> Failure {
+    Failure::Usage(anyhow::anyhow!("{error}"))
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Commands::Serve(args) => serve(args),
+        Commands::Serve(args) => serve(*args),
+        Commands::CheckConfig { file } => check_config(&file),
     };
-    if let Err(error) = result {
-        eprintln!("ringbd: error: {error:#}");
-        std::process::exit(1);
-    }
+    let code = match result {
+        Ok(()) => EXIT_OK,
+        Err(Failure::Usage(error)) => {
+            eprintln!("ringbd: error: {error:#}");
+            EXIT_USAGE
+        }
+        Err(Failure::Runtime(error)) => {
+            eprintln!("ringbd: error: {error:#}");
+            EXIT_RUNTIME
+        }
+    };
+    std::process::exit(code);
 }
 
-fn init_logging(level: &str, format: LogFormat) {
+fn init_logging(level: &str, format: config_file::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // Colours only on a terminal: journald and log files get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        config_file::LogFormat::Text => builder.init(),
+        config_file::LogFormat::Json => builder.json().init(),
     }
 }
 
-fn serve(args: ServeArgs) -> Result<()> {
-    init_logging(&args.log_level, args.log_format);
-    let cache = match args.cache {
-        CacheArg::Direct => CacheMode::Direct,
-        CacheArg::Writeback => CacheMode::Writeback,
-    };
-    let exports = args
-        .exports
-        .iter()
-        .map(|text| ExportSpec::parse(text, args.read_only, cache))
-        .collect::<Result<Vec<_>, String>>()
-        .map_err(anyhow::Error::msg)?;
-    let mut listen: Vec<Listen> = args.listen.iter().cloned().map(Listen::Tcp).collect();
-    if let Some(path) = args.unix {
-        listen.push(Listen::Unix(path));
-    }
-    if listen.is_empty() {
-        listen.push(Listen::Tcp(format!("[::]:{}", config::NBD_PORT)));
-    }
-    let shards = args.shards.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
-    let config = Config {
-        exports,
-        listen,
-        shards,
+fn online_cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+fn overrides(args: ServeArgs) -> Overrides {
+    Overrides {
+        exports: args.exports,
+        listen: args.listen,
+        unix: args.unix,
+        unix_mode: args.unix_mode,
+        read_only: args.read_only,
+        shards: args.shards,
+        cache: args.cache.map(|cache| match cache {
+            CacheArg::Direct => CacheMode::Direct,
+            CacheArg::Writeback => CacheMode::Writeback,
+        }),
         queue_depth: args.queue_depth,
         buffer_mib: args.buffer_mib,
+        create_bytes: args.create,
+        metrics: args.metrics,
+        pid_file: args.pid_file,
+        user: args.user,
+        group: args.group,
+        log_level: args.log_level,
+        log_format: args.log_format.map(|format| match format {
+            LogFormat::Text => config_file::LogFormat::Text,
+            LogFormat::Json => config_file::LogFormat::Json,
+        }),
+        max_connections: args.max_connections,
+        handshake_timeout_seconds: args.handshake_timeout_seconds,
+    }
+}
+
+fn check_config(path: &std::path::Path) -> Result<(), Failure> {
+    let file = config_file::load(path).map_err(usage)?;
+    let environment = Environment {
+        cores: online_cores(),
+        socket_activated: false,
     };
-    config.validate().map_err(anyhow::Error::msg)?;
-    report_memlock(&config);
+    let settings = config_file::resolve(Some(&file), &Overrides::default(), environment)
+        .map_err(|error| usage(format!("{}: {error}", path.display())))?;
+    for warning in host_warnings(&settings) {
+        eprintln!("ringbd: warning: {warning}");
+    }
+    print!("{}", settings.to_toml());
+    Ok(())
+}
+
+/// What would make `serve` fail on this host although the file is valid.
+fn host_warnings(settings: &Settings) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for export in &settings.config.exports {
+        if let ringbd::target::backend::Source::Path(path) = &export.source
+            && export.create_bytes.is_none()
+            && let Err(error) = std::fs::metadata(path)
+        {
+            warnings.push(format!(
+                "export '{}': {}: {error} (give `size` to create it)",
+                export.name,
+                path.display()
+            ));
+        }
+    }
+    if let Err(error) =
+        process::resolve_identity(settings.user.as_deref(), settings.group.as_deref())
+    {
+        warnings.push(error);
+    }
+    warnings
+}
+
+fn serve(args: ServeArgs) -> Result<(), Failure> {
+    // Before anything opens a descriptor: inherited sockets are fds 3, 4, ...
+    let inherited = systemd::inherited_listeners()
+        .map_err(|error| Failure::Runtime(anyhow::anyhow!("socket activation: {error}")))?;
+    let file = match &args.config {
+        Some(path) => Some(config_file::load(path).map_err(usage)?),
+        None => None,
+    };
+    let environment = Environment {
+        cores: online_cores(),
+        socket_activated: !inherited.is_empty(),
+    };
+    let settings =
+        config_file::resolve(file.as_ref(), &overrides(args), environment).map_err(usage)?;
+    init_logging(&settings.log_level, settings.log_format);
+    let identity = process::resolve_identity(settings.user.as_deref(), settings.group.as_deref())
+        .map_err(usage)?;
+    let config = &settings.config;
+    report_memlock(config);
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .context("cannot install signal handlers")?;
-    let listeners = ringbd::server::bind(&config)?;
-    let server = ringbd::server::start(&config, listeners)?;
+    let mut listeners = ringbd::server::bind(config)?;
+    listeners.extend(inherited);
+    if let Some(identity) = identity {
+        hand_sockets_to(&listeners, identity)?;
+    }
+    let metrics = match &settings.metrics {
+        Some(address) => Some(
+            std::net::TcpListener::bind(address.as_str())
+                .with_context(|| format!("cannot serve metrics on {address}"))?,
+        ),
+        None => None,
+    };
+    let mut pid_file = None;
+    let before_accept = || {
+        if let Some(path) = &settings.pid_file {
+            let created = PidFile::create(path)
+                .with_context(|| format!("cannot write the PID file {}", path.display()))?;
+            pid_file = Some(created);
+        }
+        if let Some(identity) = identity {
+            process::switch_identity(identity).with_context(|| {
+                format!("cannot switch to uid {} gid {}", identity.uid, identity.gid)
+            })?;
+            tracing::info!(uid = identity.uid, gid = identity.gid, "switched identity");
+        }
+        Ok(())
+    };
+    let mut server = ringbd::server::start_with(config, listeners, before_accept)?;
+    if let Some(listener) = metrics {
+        tracing::info!(address = %listener.local_addr().context("metrics address")?, "metrics on /metrics");
+        server.serve_metrics(listener)?;
+    }
     tracing::info!(
         shards = config.shards,
+        exports = config.exports.len(),
         version = env!("CARGO_PKG_VERSION"),
         "ringbd serving"
     );
+    systemd::notify(&format!(
+        "READY=1\nSTATUS=serving {} export(s)",
+        config.exports.len()
+    ));
     for signal in signals.forever() {
         match signal {
             SIGHUP => tracing::info!("SIGHUP: export reload is not implemented yet; ignoring"),
@@ -159,7 +363,27 @@ fn serve(args: ServeArgs) -> Result<()> {
         }
     }
     tracing::info!("stopping: finishing in-flight requests");
-    server.stop()
+    systemd::notify("STOPPING=1");
+    let result = server.stop();
+    drop(pid_file);
+    result.map_err(Failure::Runtime)
+}
+
+/// Unix sockets this server created are handed to the identity it will switch to, so that
+/// `unix_mode` grants that user and group access.
+fn hand_sockets_to(listeners: &[Listener], identity: process::Identity) -> Result<()> {
+    for listener in listeners {
+        if let Listener::Unix {
+            path,
+            remove_on_exit: true,
+            ..
+        } = listener
+        {
+            std::os::unix::fs::chown(path, Some(identity.uid), Some(identity.gid))
+                .with_context(|| format!("cannot chown {}", path.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Registered buffers count against RLIMIT_MEMLOCK for non-root users: say so up front.

@@ -7,22 +7,38 @@
 //! path, so a single blocking acceptor (poll over every listener plus a stop eventfd) feeds
 //! the shards over crossbeam channels and wakes each through an eventfd read posted on its
 //! ring. Placement picks the shard with the fewest live connections.
+//!
+//! # Connection limit
+//!
+//! The acceptor counts open connections as every shard's live connections plus those still
+//! queued in its channel, and closes a new connection at once (logged, at most once a second
+//! with a count of the others) when `max_connections` are open. Handshake connections count.
+//!
+//! # Listeners
+//!
+//! An IPv6 wildcard such as `[::]:10809` also serves IPv4 (dual stack, whatever the
+//! `bindv6only` sysctl says) unless an IPv4 address with the same port is configured too;
+//! then each family gets its own socket. Unix sockets are created with `unix_mode` and
+//! removed at exit; inherited (socket-activated) ones are neither.
 
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use crossbeam_channel::Sender;
 
 use crate::config::{Config, Listen};
+use crate::metrics::{self, MetricsServer, ServerCounters};
 use crate::ring::sys;
 use crate::shard::{self, Export, NewConn, ShardLoad, Shared, Socket};
-use crate::target::backend::{FileBackend, OpenOptions};
+use crate::target::backend::{FileBackend, OpenOptions, Source};
 use crate::target::export::ExportInfo;
 
 /// A bound listener.
@@ -30,15 +46,27 @@ use crate::target::export::ExportInfo;
 pub enum Listener {
     /// TCP.
     Tcp(TcpListener),
-    /// Unix socket; the path is removed when the server stops.
-    Unix(UnixListener, PathBuf),
+    /// Unix socket.
+    Unix {
+        /// The socket.
+        listener: UnixListener,
+        /// Its path (for logs and removal).
+        path: PathBuf,
+        /// Remove the path when the server stops (false for inherited sockets).
+        remove_on_exit: bool,
+    },
 }
+
+/// Pending connections the kernel queues per listener before `accept`.
+const LISTEN_BACKLOG: i32 = 1024;
+/// How often the acceptor logs refused connections at most.
+const REFUSED_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Listener {
     fn fd(&self) -> RawFd {
         match self {
             Listener::Tcp(listener) => listener.as_raw_fd(),
-            Listener::Unix(listener, _) => listener.as_raw_fd(),
+            Listener::Unix { listener, .. } => listener.as_raw_fd(),
         }
     }
 
@@ -51,7 +79,7 @@ impl Listener {
                     peer: peer.to_string(),
                 })
             }
-            Listener::Unix(listener, path) => {
+            Listener::Unix { listener, path, .. } => {
                 let (stream, _) = listener.accept()?;
                 Ok(NewConn {
                     socket: Socket::Unix(stream),
@@ -64,38 +92,133 @@ impl Listener {
 
 /// Binds every configured listener.
 pub fn bind(config: &Config) -> Result<Vec<Listener>> {
+    let ipv4_ports = ipv4_ports(config);
     let mut listeners = Vec::new();
     for listen in &config.listen {
         match listen {
             Listen::Tcp(address) => {
-                let listener = TcpListener::bind(address.as_str())
+                let listener = bind_tcp(address, &ipv4_ports)
                     .with_context(|| format!("cannot listen on {address}"))?;
                 tracing::info!(address = %listener.local_addr()?, "listening (tcp)");
                 listeners.push(Listener::Tcp(listener));
             }
             Listen::Unix(path) => {
-                if path.exists() {
-                    if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                        bail!("{} is in use by a running server", path.display());
-                    }
-                    std::fs::remove_file(path).with_context(|| {
-                        format!("cannot remove stale socket {}", path.display())
-                    })?;
-                }
-                let listener = UnixListener::bind(path)
-                    .with_context(|| format!("cannot listen on {}", path.display()))?;
+                let listener = bind_unix(path, config.unix_mode)?;
                 tracing::info!(path = %path.display(), "listening (unix)");
-                listeners.push(Listener::Unix(listener, path.clone()));
+                listeners.push(Listener::Unix {
+                    listener,
+                    path: path.clone(),
+                    remove_on_exit: true,
+                });
             }
         }
     }
     Ok(listeners)
 }
 
+/// Ports that some configured TCP listener serves over IPv4.
+fn ipv4_ports(config: &Config) -> Vec<u16> {
+    let addresses = config.listen.iter().filter_map(|listen| match listen {
+        Listen::Tcp(address) => address.to_socket_addrs().ok(),
+        Listen::Unix(_) => None,
+    });
+    addresses
+        .flatten()
+        .filter(SocketAddr::is_ipv4)
+        .map(|address| address.port())
+        .collect()
+}
+
+/// Binds the first address `address` resolves to that can be bound.
+fn bind_tcp(address: &str, ipv4_ports: &[u16]) -> std::io::Result<TcpListener> {
+    let mut last_error = None;
+    for resolved in address.to_socket_addrs()? {
+        let v6_only = resolved.is_ipv6() && ipv4_ports.contains(&resolved.port());
+        match bind_tcp_address(resolved, v6_only) {
+            Ok(listener) => return Ok(listener),
+            Err(error) => last_error = Some(error),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| std::io::Error::other("the name resolves to no address")))
+}
+
+fn bind_tcp_address(address: SocketAddr, v6_only: bool) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    if address.is_ipv6() {
+        socket.set_only_v6(v6_only)?;
+    }
+    socket.bind(&address.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
+fn bind_unix(path: &Path, mode: Option<u32>) -> Result<UnixListener> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("{} is in use by a running server", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    if let Some(mode) = mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("cannot set mode {mode:04o} on {}", path.display()))?;
+    }
+    Ok(listener)
+}
+
+/// Creates `path` as a sparse file of `bytes` if it does not exist; returns whether it did.
+/// An existing file is never resized.
+fn create_if_missing(path: &Path, bytes: u64) -> Result<bool> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let created = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path);
+    match created {
+        Ok(file) => {
+            let result = file.set_len(bytes).and_then(|()| file.sync_all());
+            if let Err(error) = result {
+                let _ = std::fs::remove_file(path);
+                return Err(error).with_context(|| format!("cannot size {}", path.display()));
+            }
+            Ok(true)
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+            let size = std::fs::metadata(path).map(|metadata| metadata.len());
+            if let Ok(size) = size
+                && size != bytes
+                && path.metadata().is_ok_and(|metadata| metadata.is_file())
+            {
+                tracing::warn!(
+                    path = %path.display(), size, create_bytes = bytes,
+                    "the file exists; serving it at its own size (size/--create only create)"
+                );
+            }
+            Ok(false)
+        }
+        Err(error) => Err(error).with_context(|| format!("cannot create {}", path.display())),
+    }
+}
+
 /// Opens every export's backend and derives what the protocol layer advertises.
 pub fn open_exports(config: &Config) -> Result<Vec<Export>> {
     let mut exports = Vec::new();
     for (id, spec) in config.exports.iter().enumerate() {
+        if let (Source::Path(path), Some(bytes)) = (&spec.source, spec.create_bytes)
+            && create_if_missing(path, bytes)?
+        {
+            tracing::info!(export = %spec.name, path = %path.display(), bytes, "created a sparse file");
+        }
         let options = OpenOptions {
             source: spec.source.clone(),
             read_only: spec.read_only,
@@ -128,6 +251,12 @@ struct ShardThread {
     thread: JoinHandle<()>,
 }
 
+/// Counters the acceptor keeps.
+#[derive(Debug, Default)]
+struct AcceptCounters {
+    refused_total: AtomicU64,
+}
+
 /// A running server: stop it with [`Server::stop`].
 pub struct Server {
     shared: Arc<Shared>,
@@ -135,6 +264,9 @@ pub struct Server {
     acceptor: Option<JoinHandle<()>>,
     acceptor_wake: Arc<OwnedFd>,
     unix_paths: Vec<PathBuf>,
+    counters: Arc<AcceptCounters>,
+    max_connections: usize,
+    metrics: Option<MetricsServer>,
 }
 
 impl std::fmt::Debug for Server {
@@ -147,6 +279,16 @@ impl std::fmt::Debug for Server {
 
 /// Starts shards and the acceptor over already-bound listeners.
 pub fn start(config: &Config, listeners: Vec<Listener>) -> Result<Server> {
+    start_with(config, listeners, || Ok(()))
+}
+
+/// Like [`start`], running `before_accept` once the exports are open and every shard is
+/// ready, before the first connection is accepted (the place to drop privileges).
+pub fn start_with(
+    config: &Config,
+    listeners: Vec<Listener>,
+    before_accept: impl FnOnce() -> Result<()>,
+) -> Result<Server> {
     let exports = open_exports(config)?;
     let infos = exports.iter().map(|export| export.info.clone()).collect();
     let shared = Arc::new(Shared {
@@ -156,6 +298,7 @@ pub fn start(config: &Config, listeners: Vec<Listener>) -> Result<Server> {
         queue_depth: config.queue_depth,
         pool_bytes: config.buffer_mib << 20,
         stats: crate::stats::StatsHub::new(config.shards, config.exports.len()),
+        handshake_timeout: Duration::from_secs(config.handshake_timeout_seconds),
     });
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let (ready_tx, ready_rx) = crossbeam_channel::bounded(config.shards);
@@ -194,12 +337,17 @@ pub fn start(config: &Config, listeners: Vec<Listener>) -> Result<Server> {
             Err(_) => bail!("a shard exited during startup"),
         }
     }
+    before_accept()?;
     let acceptor_wake = Arc::new(sys::eventfd().context("eventfd")?);
     let unix_paths = listeners
         .iter()
         .filter_map(|listener| match listener {
-            Listener::Unix(_, path) => Some(path.clone()),
-            Listener::Tcp(_) => None,
+            Listener::Unix {
+                path,
+                remove_on_exit: true,
+                ..
+            } => Some(path.clone()),
+            _ => None,
         })
         .collect();
     let targets: Vec<(Sender<NewConn>, RawFd, Arc<ShardLoad>)> = shards
@@ -212,10 +360,18 @@ pub fn start(config: &Config, listeners: Vec<Listener>) -> Result<Server> {
             )
         })
         .collect();
-    let (stop_fd, stopping) = (acceptor_wake.clone(), shared.clone());
+    let counters = Arc::new(AcceptCounters::default());
+    let acceptor = Acceptor {
+        listeners,
+        shards: targets,
+        stop: acceptor_wake.clone(),
+        shared: shared.clone(),
+        counters: counters.clone(),
+        max_connections: config.max_connections,
+    };
     let acceptor = std::thread::Builder::new()
         .name("ringbd-accept".into())
-        .spawn(move || accept_loop(listeners, targets, stop_fd, stopping))
+        .spawn(move || acceptor.run())
         .context("cannot spawn the acceptor")?;
     Ok(Server {
         shared,
@@ -223,50 +379,127 @@ pub fn start(config: &Config, listeners: Vec<Listener>) -> Result<Server> {
         acceptor: Some(acceptor),
         acceptor_wake,
         unix_paths,
+        counters,
+        max_connections: config.max_connections,
+        metrics: None,
     })
 }
 
-fn accept_loop(
+/// The acceptor thread's state.
+struct Acceptor {
     listeners: Vec<Listener>,
     shards: Vec<(Sender<NewConn>, RawFd, Arc<ShardLoad>)>,
     stop: Arc<OwnedFd>,
     shared: Arc<Shared>,
-) {
-    let mut fds: Vec<RawFd> = listeners.iter().map(Listener::fd).collect();
-    fds.push(stop.as_raw_fd());
-    let mut ready = Vec::with_capacity(fds.len());
-    while !shared.stopping.load(Ordering::Acquire) {
-        if let Err(error) = sys::poll_readable(&fds, 1000, &mut ready) {
-            tracing::error!(%error, "poll failed");
-            std::thread::sleep(std::time::Duration::from_millis(100));
-            continue;
-        }
-        for (listener, _) in listeners.iter().zip(&ready).filter(|(_, ready)| **ready) {
-            match listener.accept() {
-                Ok(conn) => {
-                    let (sender, wake, _) = shards
-                        .iter()
-                        .min_by_key(|(_, _, load)| load.connections.load(Ordering::Relaxed))
-                        .expect("at least one shard");
-                    if sender.send(conn).is_ok() {
-                        sys::eventfd_signal(*wake);
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "accept failed");
-                    if error.raw_os_error() == Some(libc::EMFILE) {
-                        std::thread::sleep(std::time::Duration::from_millis(50));
+    counters: Arc<AcceptCounters>,
+    max_connections: usize,
+}
+
+impl Acceptor {
+    fn run(self) {
+        let mut fds: Vec<RawFd> = self.listeners.iter().map(Listener::fd).collect();
+        fds.push(self.stop.as_raw_fd());
+        let mut ready = Vec::with_capacity(fds.len());
+        let mut refused_log = RefusedLog::default();
+        while !self.shared.stopping.load(Ordering::Acquire) {
+            if let Err(error) = sys::poll_readable(&fds, 1000, &mut ready) {
+                tracing::error!(%error, "poll failed");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            let listeners = self.listeners.iter().zip(&ready);
+            for (listener, _) in listeners.filter(|(_, ready)| **ready) {
+                match listener.accept() {
+                    Ok(conn) => self.place(conn, &mut refused_log),
+                    Err(error) => {
+                        tracing::warn!(%error, "accept failed");
+                        if error.raw_os_error() == Some(libc::EMFILE) {
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
                     }
                 }
             }
         }
     }
+
+    /// Open connections: live in the shards plus queued in their channels.
+    fn open_connections(&self) -> usize {
+        let open = self
+            .shards
+            .iter()
+            .map(|(sender, _, load)| load.connections.load(Ordering::Relaxed) + sender.len());
+        open.sum()
+    }
+
+    fn place(&self, conn: NewConn, refused_log: &mut RefusedLog) {
+        let open = self.open_connections();
+        if open >= self.max_connections {
+            self.counters.refused_total.fetch_add(1, Ordering::Relaxed);
+            refused_log.refused(&conn.peer, open, self.max_connections);
+            drop(conn);
+            return;
+        }
+        let (sender, wake, _) = self
+            .shards
+            .iter()
+            .min_by_key(|(_, _, load)| load.connections.load(Ordering::Relaxed))
+            .expect("at least one shard");
+        if sender.send(conn).is_ok() {
+            sys::eventfd_signal(*wake);
+        }
+    }
+}
+
+/// Logs refused connections at most once per [`REFUSED_LOG_INTERVAL`].
+#[derive(Debug, Default)]
+struct RefusedLog {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RefusedLog {
+    fn refused(&mut self, peer: &str, open: usize, max_connections: usize) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) < REFUSED_LOG_INTERVAL)
+        {
+            self.suppressed += 1;
+            return;
+        }
+        tracing::warn!(
+            %peer, open, max_connections, also_refused = self.suppressed,
+            "connection refused: max_connections reached"
+        );
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
 }
 
 impl Server {
+    /// Serves Prometheus metrics on `listener` until the server stops.
+    pub fn serve_metrics(&mut self, listener: TcpListener) -> Result<()> {
+        assert!(self.metrics.is_none(), "one metrics endpoint");
+        let (shared, counters) = (self.shared.clone(), self.counters.clone());
+        let max_connections = self.max_connections;
+        let render = move || {
+            let server = ServerCounters {
+                connections_refused_total: counters.refused_total.load(Ordering::Relaxed),
+                connections_max: max_connections,
+            };
+            metrics::render(&shared.stats.snapshot(), &shared.infos, &server)
+        };
+        let endpoint = metrics::spawn(listener, render).context("cannot start metrics")?;
+        self.metrics = Some(endpoint);
+        Ok(())
+    }
+
     /// Stops accepting, lets shards finish in-flight requests (ESHUTDOWN for new ones),
     /// syncs every export and removes unix sockets.
     pub fn stop(mut self) -> Result<()> {
+        if let Some(metrics) = self.metrics.take() {
+            metrics.stop();
+        }
         self.shared.stopping.store(true, Ordering::Release);
         sys::eventfd_signal(self.acceptor_wake.as_raw_fd());
         if let Some(acceptor) = self.acceptor.take() {

@@ -33,9 +33,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 use slab::Slab;
 
-use crate::config::{
-    HANDSHAKE_TIMEOUT_SECONDS, RECV_BUFFER_BYTES, RING_ENTRIES, SHUTDOWN_GRACE_SECONDS,
-};
+use crate::config::{RECV_BUFFER_BYTES, RING_ENTRIES, SHUTDOWN_GRACE_SECONDS};
 use crate::ring::{Buf, Completion, Ring, RingConfig, RingError, SendBatch};
 use crate::stats::{self, ShardStats, StatsHub};
 use crate::target::backend::FileBackend;
@@ -76,6 +74,8 @@ pub struct Shared {
     pub pool_bytes: usize,
     /// Where shards publish their statistics.
     pub stats: StatsHub,
+    /// Longest a client may take to finish the handshake.
+    pub handshake_timeout: Duration,
 }
 
 /// A connected client socket.
@@ -402,8 +402,7 @@ impl Shard {
             self.stats.connections += 1;
             tracing::debug!(shard = self.index, peer = %self.conns[key].peer, "connection accepted");
             let timer = Ctx::HandshakeTimer(key, self.generation);
-            self.ring
-                .timeout(Duration::from_secs(HANDSHAKE_TIMEOUT_SECONDS), timer);
+            self.ring.timeout(self.shared.handshake_timeout, timer);
             self.conns[key].out.push_back(Out::Bytes(greeting, false));
             self.kick_send(key);
             self.post_recv(key);

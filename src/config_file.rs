@@ -1,0 +1,995 @@
+//! The TOML configuration file (`ringbd serve --config FILE`, `ringbd check-config FILE`): its
+//! schema, loading with errors that name the key and the line, and merging with the command
+//! line into the effective [`Settings`].
+//!
+//! # Schema
+//!
+//! One `[server]` table and any number of `[[export]]` tables; `docs/CONFIGURATION.md`
+//! documents every key. Unknown keys are errors (`deny_unknown_fields`), and every value is
+//! checked while it is deserialized, so an error carries the span of the offending value.
+//!
+//! # Precedence
+//!
+//! Built-in defaults < the file < command-line flags, key by key. Two exceptions are
+//! additive: `EXPORT` arguments are appended to the file's exports, and `--read-only`
+//! makes every export read-only. `--cache` overrides every export's cache mode; `--create`
+//! is the creation size of every file export that has no `size` of its own.
+//!
+//! # Error contract
+//!
+//! [`load`] and [`parse`] return a [`ConfigError`] with the file name, 1-based line and
+//! column, the key path (`server.shards`, `export[1].path`) when known, the message, and the
+//! offending source line. [`resolve`] returns plain messages naming the flag or key.
+
+use std::fmt;
+use std::ops::{Range, RangeInclusive};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use toml::Spanned;
+
+use crate::config::{self, Config, ExportSpec, Listen};
+use crate::target::backend::{CacheMode, Source};
+
+/// The whole file.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// The `[server]` table.
+    #[serde(default)]
+    pub server: ServerTable,
+    /// The `[[export]]` tables, in order.
+    #[serde(default, rename = "export", skip_serializing_if = "Vec::is_empty")]
+    pub exports: Vec<ExportTable>,
+}
+
+/// The `[server]` table. Every key is optional; absent keys take the default or the flag.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTable {
+    /// TCP listeners, `HOST:PORT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<Vec<Address>>,
+    /// A unix socket path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unix: Option<PathBuf>,
+    /// Permission bits of the unix socket (`"0660"` or `0o660`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unix_mode: Option<Mode>,
+    /// Shards (threads with an io_uring each).
+    #[serde(
+        default,
+        deserialize_with = "shards",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub shards: Option<usize>,
+    /// Prometheus endpoint, `HOST:PORT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Address>,
+    /// In-flight requests per connection.
+    #[serde(
+        default,
+        deserialize_with = "queue_depth",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub queue_depth: Option<u32>,
+    /// Registered buffer pool per shard, MiB.
+    #[serde(
+        default,
+        deserialize_with = "buffer_mib",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub buffer_mib: Option<usize>,
+    /// Default cache mode of exports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheSetting>,
+    /// Default read-only flag of exports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only: Option<bool>,
+    /// Log filter (`info`, `ringbd=debug`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<LogLevel>,
+    /// Log format.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+    /// Where to write the process id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid_file: Option<PathBuf>,
+    /// User to switch to after binding and opening exports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Group to switch to (default: the user's primary group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Open client connections allowed at once.
+    #[serde(
+        default,
+        deserialize_with = "max_connections",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_connections: Option<usize>,
+    /// Seconds a client may take to finish the handshake.
+    #[serde(
+        default,
+        deserialize_with = "handshake_timeout_seconds",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub handshake_timeout_seconds: Option<u64>,
+}
+
+/// One `[[export]]` table.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportTable {
+    /// Export name (`""` is the default export).
+    pub name: Spanned<ExportName>,
+    /// A file, a block device or `memory:SIZE`.
+    pub path: ExportPath,
+    /// NBD_INFO_DESCRIPTION.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<Description>,
+    /// Refuse writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only: Option<bool>,
+    /// Page-cache mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheSetting>,
+    /// Size of the sparse file to create when `path` does not exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<Spanned<Size>>,
+}
+
+/// A checked `HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Address(pub String);
+
+/// A checked export name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct ExportName(pub String);
+
+/// A checked export path, kept as written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct ExportPath(pub String);
+
+/// A checked export description.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Description(pub String);
+
+/// A checked log filter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct LogLevel(pub String);
+
+/// A size in bytes, written `"10G"` or as an integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+/// Unix socket permission bits, written `"0660"` or `0o660`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mode(pub u32);
+
+/// `cache = "direct" | "writeback"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheSetting {
+    /// O_DIRECT.
+    Direct,
+    /// Through the page cache.
+    Writeback,
+}
+
+impl From<CacheSetting> for CacheMode {
+    fn from(setting: CacheSetting) -> CacheMode {
+        match setting {
+            CacheSetting::Direct => CacheMode::Direct,
+            CacheSetting::Writeback => CacheMode::Writeback,
+        }
+    }
+}
+
+impl From<CacheMode> for CacheSetting {
+    fn from(mode: CacheMode) -> CacheSetting {
+        match mode {
+            CacheMode::Direct => CacheSetting::Direct,
+            CacheMode::Writeback => CacheSetting::Writeback,
+        }
+    }
+}
+
+/// `log_format = "text" | "json"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Deserializes a string and checks it with `check`.
+fn checked_string<'de, D, T>(
+    deserializer: D,
+    check: impl FnOnce(&str) -> Result<(), String>,
+    wrap: impl FnOnce(String) -> T,
+) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    let text = String::deserialize(deserializer)?;
+    check(&text).map_err(serde::de::Error::custom)?;
+    Ok(wrap(text))
+}
+
+impl<'de> Deserialize<'de> for Address {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        checked_string(deserializer, config::check_address, Address)
+    }
+}
+
+impl<'de> Deserialize<'de> for ExportName {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        checked_string(deserializer, config::check_export_name, ExportName)
+    }
+}
+
+impl<'de> Deserialize<'de> for ExportPath {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let check = |text: &str| config::parse_source(text).map(drop);
+        checked_string(deserializer, check, ExportPath)
+    }
+}
+
+impl<'de> Deserialize<'de> for Description {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let check = |text: &str| {
+            if text.len() > config::EXPORT_TEXT_BYTES_MAX {
+                return Err(format!(
+                    "the description is longer than {} bytes",
+                    config::EXPORT_TEXT_BYTES_MAX
+                ));
+            }
+            Ok(())
+        };
+        checked_string(deserializer, check, Description)
+    }
+}
+
+impl<'de> Deserialize<'de> for LogLevel {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        checked_string(deserializer, check_log_level, LogLevel)
+    }
+}
+
+/// Checks a log filter (`info`, `warn,ringbd=debug`, ...) the way the logger will parse it.
+pub fn check_log_level(text: &str) -> Result<(), String> {
+    tracing_subscriber::EnvFilter::try_new(text)
+        .map(drop)
+        .map_err(|error| format!("log level '{text}' is not a valid filter: {error}"))
+}
+
+/// A string or an integer, for keys that accept both.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TextOrInteger {
+    Text(String),
+    Integer(i64),
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let bytes = match TextOrInteger::deserialize(deserializer)? {
+            TextOrInteger::Text(text) => config::parse_size(&text),
+            TextOrInteger::Integer(value) => u64::try_from(value)
+                .ok()
+                .filter(|bytes| *bytes > 0)
+                .ok_or_else(|| format!("size {value} must be greater than zero")),
+        };
+        bytes.map(Size).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Size {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&config::format_size(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Mode {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let mode = match TextOrInteger::deserialize(deserializer)? {
+            TextOrInteger::Text(text) => config::parse_unix_mode(&text),
+            TextOrInteger::Integer(value) => u32::try_from(value)
+                .map_err(|_| format!("unix mode {value} is out of range"))
+                .and_then(|mode| config::check_unix_mode(mode).map(|()| mode)),
+        };
+        mode.map(Mode).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Mode {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&format!("{:04o}", self.0))
+    }
+}
+
+/// Deserializes a number and checks it against `range`.
+fn number_in<'de, D, T>(deserializer: D, range: RangeInclusive<T>) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + PartialOrd + fmt::Display + Copy,
+{
+    let value = T::deserialize(deserializer)?;
+    config::check_range("value", value, range).map_err(serde::de::Error::custom)?;
+    Ok(Some(value))
+}
+
+fn shards<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<usize>, D::Error> {
+    number_in(deserializer, config::SHARDS_RANGE)
+}
+
+fn queue_depth<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u32>, D::Error> {
+    number_in(deserializer, config::QUEUE_DEPTH_RANGE)
+}
+
+fn buffer_mib<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<usize>, D::Error> {
+    number_in(deserializer, config::BUFFER_MIB_RANGE)
+}
+
+fn max_connections<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<usize>, D::Error> {
+    number_in(deserializer, config::MAX_CONNECTIONS_RANGE)
+}
+
+fn handshake_timeout_seconds<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<u64>, D::Error> {
+    number_in(deserializer, config::HANDSHAKE_TIMEOUT_SECONDS_RANGE)
+}
+
+/// An error in a configuration file, located to the line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file as named by the user.
+    pub file: String,
+    /// 1-based line and column of the offending text, when known.
+    pub position: Option<(usize, usize)>,
+    /// Key path such as `server.shards` or `export[1].path`, when known.
+    pub key: Option<String>,
+    /// What is wrong.
+    pub message: String,
+    /// The offending line of the file, for display.
+    pub source_line: Option<String>,
+    /// Characters of the offending text on that line (at least 1).
+    pub width: usize,
+}
+
+impl ConfigError {
+    fn at(text: &str, file: &str, span: Option<Range<usize>>, key: Option<String>) -> Self {
+        let position = span.clone().map(|span| line_column(text, span.start));
+        let source_line = position.and_then(|(line, _)| text.lines().nth(line - 1));
+        let width = match (span, position, source_line) {
+            (Some(span), Some((_, column)), Some(source)) => {
+                let on_line = source.chars().count().saturating_sub(column - 1);
+                let spanned = text.get(span).map_or(1, |spanned| spanned.chars().count());
+                spanned.min(on_line).max(1)
+            }
+            _ => 1,
+        };
+        ConfigError {
+            file: file.to_string(),
+            position,
+            key,
+            message: String::new(),
+            source_line: source_line.map(str::to_string),
+            width,
+        }
+    }
+
+    fn with_message(mut self, message: impl Into<String>) -> Self {
+        self.message = message.into();
+        self
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some((line, column)) = self.position {
+            write!(f, ", line {line}, column {column}")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, ", key `{key}`")?;
+        }
+        write!(f, ": {}", self.message)?;
+        if let (Some((line, column)), Some(source)) = (self.position, &self.source_line) {
+            let gutter = line.to_string().len();
+            write!(f, "\n {line} | {source}")?;
+            let pad = column - 1;
+            let carets = "^".repeat(self.width);
+            write!(f, "\n {:gutter$} | {:pad$}{carets}", "", "")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    (line, column)
+}
+
+/// Reads and parses a configuration file.
+pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError {
+        file: file.clone(),
+        position: None,
+        key: None,
+        message: format!("cannot read the configuration file: {error}"),
+        source_line: None,
+        width: 1,
+    })?;
+    parse(&text, &file)
+}
+
+/// Parses configuration text; `file` names it in errors.
+pub fn parse(text: &str, file: &str) -> Result<FileConfig, ConfigError> {
+    let deserializer = toml::Deserializer::parse(text).map_err(|error| {
+        ConfigError::at(text, file, error.span(), None).with_message(error.message())
+    })?;
+    let parsed: FileConfig = serde_path_to_error::deserialize(deserializer).map_err(|error| {
+        // `Spanned` values deserialize through a private field; it is not a key.
+        let key = error
+            .path()
+            .to_string()
+            .replace(".$__serde_spanned_private_value", "");
+        let key = (key != ".").then_some(key);
+        let inner = error.into_inner();
+        ConfigError::at(text, file, inner.span(), key).with_message(inner.message())
+    })?;
+    check_exports(&parsed, text, file)?;
+    Ok(parsed)
+}
+
+/// Rules across keys: unique names, `size` only for files.
+fn check_exports(parsed: &FileConfig, text: &str, file: &str) -> Result<(), ConfigError> {
+    for (index, export) in parsed.exports.iter().enumerate() {
+        let name = &export.name.get_ref().0;
+        let earlier = parsed.exports[..index]
+            .iter()
+            .find(|other| other.name.get_ref().0 == *name);
+        if let Some(earlier) = earlier {
+            let (line, _) = line_column(text, earlier.name.span().start);
+            let key = Some(format!("export[{index}].name"));
+            return Err(
+                ConfigError::at(text, file, Some(export.name.span()), key).with_message(format!(
+                    "export name '{name}' is already used on line {line}"
+                )),
+            );
+        }
+        if let Some(size) = &export.size
+            && export.path.0.starts_with("memory:")
+        {
+            let key = Some(format!("export[{index}].size"));
+            return Err(
+                ConfigError::at(text, file, Some(size.span()), key).with_message(
+                    "size creates missing files; a memory export takes its size in path = \
+                 \"memory:SIZE\"",
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Command-line values that override the file (`None`/empty: not given).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `EXPORT` arguments (`[NAME=]PATH`), appended to the file's exports.
+    pub exports: Vec<String>,
+    /// `--listen` (replaces `server.listen`).
+    pub listen: Vec<String>,
+    /// `--unix`.
+    pub unix: Option<PathBuf>,
+    /// `--unix-mode`.
+    pub unix_mode: Option<u32>,
+    /// `--read-only`: every export read-only.
+    pub read_only: bool,
+    /// `--shards`.
+    pub shards: Option<usize>,
+    /// `--cache`: every export.
+    pub cache: Option<CacheMode>,
+    /// `--queue-depth`.
+    pub queue_depth: Option<u32>,
+    /// `--buffer-mib`.
+    pub buffer_mib: Option<usize>,
+    /// `--create SIZE`: creation size of file exports without their own `size`.
+    pub create_bytes: Option<u64>,
+    /// `--metrics`.
+    pub metrics: Option<String>,
+    /// `--pid-file`.
+    pub pid_file: Option<PathBuf>,
+    /// `--user`.
+    pub user: Option<String>,
+    /// `--group`.
+    pub group: Option<String>,
+    /// `--log-level`.
+    pub log_level: Option<String>,
+    /// `--log-format`.
+    pub log_format: Option<LogFormat>,
+    /// `--max-connections`.
+    pub max_connections: Option<usize>,
+    /// `--handshake-timeout-seconds`.
+    pub handshake_timeout_seconds: Option<u64>,
+}
+
+/// Facts about the host that defaults depend on.
+#[derive(Debug, Clone, Copy)]
+pub struct Environment {
+    /// Online cores: the default shard count.
+    pub cores: usize,
+    /// Listening sockets were inherited from systemd (then no default listener is added).
+    pub socket_activated: bool,
+}
+
+/// The effective configuration: the data plane's [`Config`] plus process settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// What the server runs with.
+    pub config: Config,
+    /// Prometheus endpoint.
+    pub metrics: Option<String>,
+    /// PID file.
+    pub pid_file: Option<PathBuf>,
+    /// User to switch to.
+    pub user: Option<String>,
+    /// Group to switch to.
+    pub group: Option<String>,
+    /// Log filter.
+    pub log_level: String,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+/// The default log filter.
+pub const LOG_LEVEL_DEFAULT: &str = "info";
+
+/// Merges the file (if any) and the command line into checked settings.
+pub fn resolve(
+    file: Option<&FileConfig>,
+    overrides: &Overrides,
+    environment: Environment,
+) -> Result<Settings, String> {
+    let empty = FileConfig::default();
+    let file = file.unwrap_or(&empty);
+    let server = &file.server;
+    let mut exports = Vec::new();
+    for table in &file.exports {
+        exports.push(export_from_table(table, server, overrides)?);
+    }
+    for text in &overrides.exports {
+        let cache = overrides
+            .cache
+            .or(server.cache.map(CacheMode::from))
+            .unwrap_or_default();
+        let read_only = overrides.read_only || server.read_only.unwrap_or(false);
+        let mut spec = ExportSpec::parse(text, read_only, cache)?;
+        if matches!(spec.source, Source::Path(_)) {
+            spec.create_bytes = overrides.create_bytes;
+        }
+        exports.push(spec);
+    }
+    let config = Config {
+        exports,
+        listen: listeners(server, overrides, environment),
+        shards: overrides
+            .shards
+            .or(server.shards)
+            .unwrap_or(environment.cores),
+        queue_depth: overrides
+            .queue_depth
+            .or(server.queue_depth)
+            .unwrap_or(config::QUEUE_DEPTH_DEFAULT),
+        buffer_mib: overrides
+            .buffer_mib
+            .or(server.buffer_mib)
+            .unwrap_or(config::BUFFER_MIB_DEFAULT),
+        max_connections: overrides
+            .max_connections
+            .or(server.max_connections)
+            .unwrap_or(config::MAX_CONNECTIONS_DEFAULT),
+        handshake_timeout_seconds: overrides
+            .handshake_timeout_seconds
+            .or(server.handshake_timeout_seconds)
+            .unwrap_or(config::HANDSHAKE_TIMEOUT_SECONDS),
+        unix_mode: overrides.unix_mode.or(server.unix_mode.map(|mode| mode.0)),
+    };
+    config.validate()?;
+    let metrics = overrides
+        .metrics
+        .clone()
+        .or(server.metrics.as_ref().map(|address| address.0.clone()));
+    if let Some(address) = &metrics {
+        config::check_address(address).map_err(|error| format!("--metrics: {error}"))?;
+    }
+    let log_level = overrides
+        .log_level
+        .clone()
+        .or(server.log_level.as_ref().map(|level| level.0.clone()))
+        .unwrap_or_else(|| LOG_LEVEL_DEFAULT.to_string());
+    check_log_level(&log_level).map_err(|error| format!("--log-level: {error}"))?;
+    Ok(Settings {
+        config,
+        metrics,
+        pid_file: overrides.pid_file.clone().or(server.pid_file.clone()),
+        user: overrides.user.clone().or(server.user.clone()),
+        group: overrides.group.clone().or(server.group.clone()),
+        log_level,
+        log_format: overrides
+            .log_format
+            .or(server.log_format)
+            .unwrap_or_default(),
+    })
+}
+
+fn export_from_table(
+    table: &ExportTable,
+    server: &ServerTable,
+    overrides: &Overrides,
+) -> Result<ExportSpec, String> {
+    let source = config::parse_source(&table.path.0)?;
+    let read_only = overrides.read_only || table.read_only.or(server.read_only).unwrap_or(false);
+    let cache = overrides
+        .cache
+        .or(table.cache.or(server.cache).map(CacheMode::from))
+        .unwrap_or_default();
+    let create_bytes = match source {
+        Source::Path(_) => table
+            .size
+            .as_ref()
+            .map(|size| size.get_ref().0)
+            .or(overrides.create_bytes),
+        Source::Memory(_) => None,
+    };
+    Ok(ExportSpec {
+        name: table.name.get_ref().0.clone(),
+        description: table
+            .description
+            .as_ref()
+            .map(|text| text.0.clone())
+            .unwrap_or_default(),
+        source,
+        read_only,
+        cache,
+        create_bytes,
+    })
+}
+
+fn listeners(server: &ServerTable, overrides: &Overrides, environment: Environment) -> Vec<Listen> {
+    let mut listen: Vec<Listen> = if overrides.listen.is_empty() {
+        server
+            .listen
+            .iter()
+            .flatten()
+            .map(|address| Listen::Tcp(address.0.clone()))
+            .collect()
+    } else {
+        overrides.listen.iter().cloned().map(Listen::Tcp).collect()
+    };
+    if let Some(path) = overrides.unix.clone().or(server.unix.clone()) {
+        listen.push(Listen::Unix(path));
+    }
+    if listen.is_empty() && !environment.socket_activated {
+        listen.push(Listen::Tcp(format!("[::]:{}", config::NBD_PORT)));
+    }
+    listen
+}
+
+impl Settings {
+    /// The effective configuration as a file with every key spelled out: what
+    /// `ringbd check-config` prints. Parsing it back gives the same settings.
+    pub fn to_file_config(&self) -> FileConfig {
+        let config = &self.config;
+        let mut tcp = Vec::new();
+        let mut unix = None;
+        for listen in &config.listen {
+            match listen {
+                Listen::Tcp(address) => tcp.push(Address(address.clone())),
+                Listen::Unix(path) => unix = Some(path.clone()),
+            }
+        }
+        let server = ServerTable {
+            listen: Some(tcp),
+            unix,
+            unix_mode: config.unix_mode.map(Mode),
+            shards: Some(config.shards),
+            metrics: self.metrics.clone().map(Address),
+            queue_depth: Some(config.queue_depth),
+            buffer_mib: Some(config.buffer_mib),
+            cache: None,
+            read_only: None,
+            log_level: Some(LogLevel(self.log_level.clone())),
+            log_format: Some(self.log_format),
+            pid_file: self.pid_file.clone(),
+            user: self.user.clone(),
+            group: self.group.clone(),
+            max_connections: Some(config.max_connections),
+            handshake_timeout_seconds: Some(config.handshake_timeout_seconds),
+        };
+        let exports = config.exports.iter().map(export_table).collect();
+        FileConfig { server, exports }
+    }
+
+    /// [`Settings::to_file_config`] as TOML text.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(&self.to_file_config()).expect("the effective configuration serializes")
+    }
+}
+
+fn export_table(spec: &ExportSpec) -> ExportTable {
+    let path = match &spec.source {
+        Source::Path(path) => path.display().to_string(),
+        Source::Memory(bytes) => format!("memory:{}", config::format_size(*bytes)),
+    };
+    ExportTable {
+        name: Spanned::new(0..0, ExportName(spec.name.clone())),
+        path: ExportPath(path),
+        description: Some(Description(spec.description.clone())),
+        read_only: Some(spec.read_only),
+        cache: Some(spec.cache.into()),
+        size: spec
+            .create_bytes
+            .map(|bytes| Spanned::new(0..0, Size(bytes))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+[server]
+listen = ["[::]:10809", "127.0.0.1:10810"]
+unix = "/run/ringbd/ringbd.sock"
+unix_mode = "0660"
+shards = 2
+metrics = "127.0.0.1:9810"
+max_connections = 64
+handshake_timeout_seconds = 5
+
+[[export]]
+name = "vm1"
+path = "/srv/nbd/vm1.img"
+description = "web server disk"
+read_only = false
+size = "10G"
+
+[[export]]
+name = "scratch"
+path = "memory:1G"
+cache = "writeback"
+read_only = true
+"#;
+
+    const ENVIRONMENT: Environment = Environment {
+        cores: 8,
+        socket_activated: false,
+    };
+
+    fn error_of(text: &str) -> ConfigError {
+        parse(text, "ringbd.toml").expect_err("the text is invalid")
+    }
+
+    #[test]
+    fn the_documented_example_parses_and_resolves() {
+        let file = parse(EXAMPLE, "ringbd.toml").unwrap();
+        let settings = resolve(Some(&file), &Overrides::default(), ENVIRONMENT).unwrap();
+        let config = &settings.config;
+        assert_eq!(config.shards, 2);
+        assert_eq!(config.max_connections, 64);
+        assert_eq!(config.handshake_timeout_seconds, 5);
+        assert_eq!(config.unix_mode, Some(0o660));
+        assert_eq!(config.listen.len(), 3);
+        assert_eq!(settings.metrics.as_deref(), Some("127.0.0.1:9810"));
+        let vm1 = &config.exports[0];
+        assert_eq!(vm1.description, "web server disk");
+        assert_eq!(vm1.create_bytes, Some(10 << 30));
+        assert!(!vm1.read_only);
+        let scratch = &config.exports[1];
+        assert_eq!(scratch.source, Source::Memory(1 << 30));
+        assert_eq!(scratch.cache, CacheMode::Writeback);
+        assert!(scratch.read_only);
+    }
+
+    #[test]
+    fn unknown_keys_name_the_key_and_the_line() {
+        let error = error_of("[server]\nshards = 2\nbogus = 1\n");
+        assert_eq!(error.position, Some((3, 1)));
+        assert_eq!(error.key.as_deref(), Some("server.bogus"));
+        assert!(error.message.contains("unknown field `bogus`"), "{error}");
+        let text = error.to_string();
+        assert!(
+            text.contains("line 3") && text.contains("bogus = 1"),
+            "{text}"
+        );
+        let error = error_of("[[export]]\nname = \"a\"\npath = \"/x\"\nreadonly = true\n");
+        assert_eq!(error.key.as_deref(), Some("export[0].readonly"));
+        assert_eq!(error.position, Some((4, 1)));
+        let error = error_of("[sever]\n");
+        assert_eq!(error.key.as_deref(), Some("sever"));
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_the_line() {
+        let cases = [
+            ("[server]\nshards = 0\n", "server.shards", 2, "out of range"),
+            (
+                "[server]\n\nshards = \"two\"\n",
+                "server.shards",
+                3,
+                "invalid type",
+            ),
+            (
+                "[server]\nlisten = [\"nowhere\"]\n",
+                "server.listen[0]",
+                2,
+                "HOST:PORT",
+            ),
+            (
+                "[server]\nunix_mode = \"999\"\n",
+                "server.unix_mode",
+                2,
+                "octal",
+            ),
+            (
+                "[server]\nbuffer_mib = 1\n",
+                "server.buffer_mib",
+                2,
+                "out of range",
+            ),
+            (
+                "[server]\nlog_format = \"xml\"\n",
+                "server.log_format",
+                2,
+                "unknown variant",
+            ),
+            (
+                "[server]\nmetrics = \"9810\"\n",
+                "server.metrics",
+                2,
+                "HOST:PORT",
+            ),
+            (
+                "[[export]]\nname = \"a\"\npath = \"memory:lots\"\n",
+                "export[0].path",
+                3,
+                "bad size",
+            ),
+            (
+                "[[export]]\nname = \"a\"\npath = \"/a\"\ncache = \"none\"\n",
+                "export[0].cache",
+                4,
+                "unknown variant",
+            ),
+            (
+                "[[export]]\nname = \"a\"\npath = \"/a\"\nsize = 0\n",
+                "export[0].size",
+                4,
+                "zero",
+            ),
+        ];
+        for (text, key, line, message) in cases {
+            let error = error_of(text);
+            assert_eq!(error.key.as_deref(), Some(key), "{text}: {error}");
+            assert_eq!(
+                error.position.map(|(l, _)| l),
+                Some(line),
+                "{text}: {error}"
+            );
+            assert!(error.message.contains(message), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn cross_key_rules_point_at_the_second_occurrence() {
+        let text =
+            "[[export]]\nname = \"a\"\npath = \"/a\"\n\n[[export]]\nname = \"a\"\npath = \"/b\"\n";
+        let error = error_of(text);
+        assert_eq!(error.position, Some((6, 8)));
+        assert_eq!(error.key.as_deref(), Some("export[1].name"));
+        assert!(error.message.contains("line 2"), "{error}");
+        let text = "[[export]]\nname = \"a\"\npath = \"memory:1G\"\nsize = \"1G\"\n";
+        assert_eq!(error_of(text).key.as_deref(), Some("export[0].size"));
+        let error = error_of("[server\n");
+        assert_eq!(error.position.map(|(line, _)| line), Some(1), "{error}");
+    }
+
+    #[test]
+    fn the_command_line_overrides_the_file_and_adds_exports() {
+        let file = parse(EXAMPLE, "ringbd.toml").unwrap();
+        let overrides = Overrides {
+            exports: vec!["extra=/srv/extra.img".into()],
+            listen: vec!["127.0.0.1:1".into()],
+            read_only: true,
+            shards: Some(3),
+            cache: Some(CacheMode::Direct),
+            create_bytes: Some(1 << 20),
+            max_connections: Some(7),
+            ..Overrides::default()
+        };
+        let settings = resolve(Some(&file), &overrides, ENVIRONMENT).unwrap();
+        let config = &settings.config;
+        assert_eq!(config.shards, 3);
+        assert_eq!(config.max_connections, 7);
+        assert_eq!(
+            config.listen,
+            vec![
+                Listen::Tcp("127.0.0.1:1".into()),
+                Listen::Unix("/run/ringbd/ringbd.sock".into())
+            ]
+        );
+        let names: Vec<&str> = config.exports.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["vm1", "scratch", "extra"]);
+        assert!(config.exports.iter().all(|export| export.read_only));
+        assert!(config.exports.iter().all(|e| e.cache == CacheMode::Direct));
+        assert_eq!(
+            config.exports[0].create_bytes,
+            Some(10 << 30),
+            "own size wins"
+        );
+        assert_eq!(config.exports[1].create_bytes, None, "memory");
+        assert_eq!(config.exports[2].create_bytes, Some(1 << 20));
+        let clash = Overrides {
+            exports: vec!["vm1=/x".into()],
+            ..Overrides::default()
+        };
+        let error = resolve(Some(&file), &clash, ENVIRONMENT).unwrap_err();
+        assert!(error.contains("'vm1' is used twice"), "{error}");
+    }
+
+    #[test]
+    fn defaults_apply_without_a_file() {
+        let overrides = Overrides {
+            exports: vec!["memory:1M".into()],
+            ..Overrides::default()
+        };
+        let settings = resolve(None, &overrides, ENVIRONMENT).unwrap();
+        assert_eq!(settings.config.shards, 8);
+        assert_eq!(
+            settings.config.listen,
+            vec![Listen::Tcp("[::]:10809".into())]
+        );
+        assert_eq!(settings.log_level, "info");
+        let activated = Environment {
+            socket_activated: true,
+            ..ENVIRONMENT
+        };
+        let settings = resolve(None, &overrides, activated).unwrap();
+        assert!(settings.config.listen.is_empty(), "inherited sockets only");
+        let none = resolve(None, &Overrides::default(), ENVIRONMENT).unwrap_err();
+        assert!(none.contains("no exports"), "{none}");
+    }
+
+    #[test]
+    fn the_effective_configuration_round_trips() {
+        let file = parse(EXAMPLE, "ringbd.toml").unwrap();
+        let settings = resolve(Some(&file), &Overrides::default(), ENVIRONMENT).unwrap();
+        let text = settings.to_toml();
+        let again = parse(&text, "effective").unwrap_or_else(|error| panic!("{error}\n{text}"));
+        let again = resolve(Some(&again), &Overrides::default(), ENVIRONMENT).unwrap();
+        assert_eq!(again.config.exports, settings.config.exports, "{text}");
+        assert_eq!(again.config.listen, settings.config.listen);
+        assert_eq!(again.config.unix_mode, settings.config.unix_mode);
+        assert_eq!(again.to_toml(), text);
+        assert!(text.contains("unix_mode = \"0660\""), "{text}");
+        assert!(text.contains("size = \"10G\""), "{text}");
+    }
+}
