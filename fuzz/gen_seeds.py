@@ -79,7 +79,8 @@ REQUESTS = {
         + req(WZ, FAST_ZERO, 0, 1 << 20),
     "extended_payload_len": bytes([4]) + ext(WRITE, PAYLOAD_LEN, 0, 512, payload=b"\x11" * 512)
         + ext(BS, 0, 0, 1 << 40) + ext(READ, PAYLOAD_LEN, 0, 16, payload=b"\0" * 16)
-        + ext(WZ, 0, 0, 1 << 30) + ext(DISC),
+        + ext(WZ, 0, 0, 1 << 30) + ext(WRITE, FUA, 4096, 512, payload=b"\x22" * 512)  # no PAYLOAD_LEN, as qemu 10
+        + ext(DISC),
     "read_only_writes": bytes([5]) + req(WRITE, 0, 0, 4096, payload=b"\0" * 4096)
         + req(READ, 0, 0, 4096) + req(TRIM, 0, 0, 4096) + req(WZ, FAST_ZERO, 0, 4096),
     "bad_magic_after_one": bytes([0]) + req(READ, 0, 0, 512) + b"GET / HTTP/1.1\r\n",

@@ -5,8 +5,11 @@
 //!
 //! The payload that follows a header is decided first and independently of validity, so a
 //! rejected request never desynchronises the stream: in compact mode only `NBD_CMD_WRITE`
-//! carries a payload (`length` bytes); in extended mode exactly the requests with
-//! `NBD_CMD_FLAG_PAYLOAD_LEN` do. A payload above `PAYLOAD_BYTES_MAX` cannot be drained
+//! carries a payload (`length` bytes); in extended mode the requests with
+//! `NBD_CMD_FLAG_PAYLOAD_LEN` do, and so does every `NBD_CMD_WRITE`. The extension says an
+//! extended WRITE MUST set the flag, but qemu 10 omits it and qemu-nbd and nbdkit accept such
+//! writes (their `length` is still the payload), so ringbd serves them too rather than
+//! rejecting a valid write or losing framing. A payload above `PAYLOAD_BYTES_MAX` cannot be drained
 //! cheaply and is a [`Verdict::Disconnect`]; any other invalid request is a
 //! [`Verdict::Reject`] telling how many payload bytes to consume before replying.
 //!
@@ -14,8 +17,8 @@
 //!
 //! 1. `NBD_CMD_DISC` is always served: it has no reply, the client sends nothing after it, so
 //!    nonzero offset/length or flags cannot be reported and are ignored (soft disconnect).
-//! 2. Unknown flag bits, `NBD_CMD_FLAG_PAYLOAD_LEN` anywhere but on an extended WRITE, an
-//!    extended WRITE without it, FUA without `SEND_FUA`, and flags inapplicable to the command
+//! 2. Unknown flag bits, `NBD_CMD_FLAG_PAYLOAD_LEN` anywhere but on an extended WRITE (where
+//!    it is optional, see above), FUA without `SEND_FUA`, and flags inapplicable to the command
 //!    (DF only on READ with `SEND_DF`, NO_HOLE / FAST_ZERO only on WRITE_ZEROES, FAST_ZERO only
 //!    with `SEND_FAST_ZERO`, REQ_ONE only on BLOCK_STATUS) are `EINVAL`. Unknown commands and
 //!    `NBD_CMD_RESIZE` (never advertised) are `EINVAL`.
@@ -168,7 +171,7 @@ pub fn validate(request: &Request, export: &ExportInfo, session: &Session) -> Ve
 /// Bytes of payload that follow the header on the wire, whatever the request's validity.
 pub fn payload_bytes(request: &Request, session: &Session) -> u64 {
     let carries_payload = if session.reply_style == ReplyStyle::Extended {
-        request.flags & NBD_CMD_FLAG_PAYLOAD_LEN != 0
+        request.flags & NBD_CMD_FLAG_PAYLOAD_LEN != 0 || request.command == NBD_CMD_WRITE
     } else {
         request.command == NBD_CMD_WRITE
     };
@@ -264,7 +267,7 @@ fn check_flags(request: &Request, session: &Session) -> Result<(), NbdErrno> {
     let payload_len = flags & NBD_CMD_FLAG_PAYLOAD_LEN != 0;
     let extended_write =
         session.reply_style == ReplyStyle::Extended && request.command == NBD_CMD_WRITE;
-    require(payload_len == extended_write)?;
+    require(!payload_len || extended_write)?;
     require(flags & NBD_CMD_FLAG_FUA == 0 || advertised(NBD_FLAG_SEND_FUA))?;
     let applicable = match request.command {
         NBD_CMD_READ => NBD_CMD_FLAG_DF,
@@ -660,7 +663,7 @@ mod tests {
     }
 
     #[test]
-    fn extended_write_needs_payload_len_and_other_payloads_are_consumed() {
+    fn extended_write_payloads_with_or_without_payload_len_and_other_payloads_are_consumed() {
         let extended = disk(ReplyStyle::Extended, true);
         let write = verdict(&extended, NBD_CMD_WRITE, NBD_CMD_FLAG_PAYLOAD_LEN, 0, 4096);
         assert_eq!(
@@ -671,7 +674,16 @@ mod tests {
                 fua: false
             })
         );
-        assert_eq!(verdict(&extended, NBD_CMD_WRITE, 0, 0, 4096), INVAL);
+        // qemu 10 omits PAYLOAD_LEN on WRITE: the length is still the payload.
+        assert_eq!(verdict(&extended, NBD_CMD_WRITE, 0, 0, 4096), write);
+        let unaligned = verdict(&extended, NBD_CMD_WRITE, 0, 0, 100);
+        assert_eq!(
+            unaligned,
+            reject(NbdErrno::Inval, 100),
+            "its payload is drained"
+        );
+        let huge = verdict(&extended, NBD_CMD_WRITE, 0, 0, 64 * MIB);
+        assert!(matches!(huge, Verdict::Disconnect(_)));
         let read_with_payload = verdict(&extended, NBD_CMD_READ, NBD_CMD_FLAG_PAYLOAD_LEN, 0, 512);
         assert_eq!(read_with_payload, reject(NbdErrno::Inval, 512));
         let status_with_payload = verdict(
