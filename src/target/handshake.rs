@@ -54,7 +54,8 @@ use crate::target::proto::{
 };
 
 /// Receive buffer the caller needs during the handshake: one option header plus the largest
-/// option payload that is parsed, in bytes.
+/// option payload that is parsed (64 KiB), in bytes. A smaller buffer can stall a client whose
+/// option fits this bound but not the buffer.
 pub const HANDSHAKE_INPUT_BYTES_MAX: usize = OPTION_HEADER_BYTES + OPTION_BYTES_MAX;
 /// Metadata context id of `base:allocation` in `NBD_OPT_SET_META_CONTEXT` replies and in
 /// `NBD_CMD_BLOCK_STATUS` chunks. Stable for the life of the server.
@@ -68,6 +69,7 @@ const CLIENT_FLAGS_KNOWN: u32 = NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES
 
 const _: () = assert!(BASE_ALLOCATION_CONTEXT_ID != LIST_META_CONTEXT_ID);
 const _: () = assert!(CLIENT_FLAGS_BYTES == 4);
+const _: () = assert!(HANDSHAKE_INPUT_BYTES_MAX == 64 * 1024);
 
 /// TLS policy of the listener. Only NOTLS exists for now: `NBD_OPT_STARTTLS` is answered
 /// `NBD_REP_ERR_POLICY`.
@@ -1542,6 +1544,28 @@ mod tests {
             assert_eq!(consumed, go.len());
             assert!(matches!(event, Event::Done(_)), "in sync after the skip");
         }
+    }
+
+    #[test]
+    fn an_option_of_exactly_option_bytes_max_is_parsed_within_the_input_bound() {
+        // 16 queries: 12 + 16 * 4 + 15 * 4096 + 4004 == OPTION_BYTES_MAX.
+        let long = format!("x-pad:{}", "a".repeat(NAME_BYTES_MAX - 6));
+        let last = format!("x-pad:{}", "a".repeat(4004 - 6));
+        let mut queries: Vec<&str> = vec![&long; 15];
+        queries.push(&last);
+        let payload = meta_payload("disk", &queries);
+        assert_eq!(payload.len(), OPTION_BYTES_MAX);
+        let option = opt(NBD_OPT_LIST_META_CONTEXT, &payload);
+        assert_eq!(option.len(), HANDSHAKE_INPUT_BYTES_MAX);
+        let mut handshake = Handshake::new(HandshakeConfig::default());
+        let mut out = Vec::new();
+        let start = stream(FIXED, &[opt(NBD_OPT_STRUCTURED_REPLY, &[])]);
+        let (consumed, _) = handshake.advance(&start, &exports(), &mut out);
+        assert_eq!(consumed, start.len());
+        out.clear();
+        let (consumed, event) = handshake.advance(&option, &exports(), &mut out);
+        assert_eq!((consumed, event), (option.len(), Event::NeedMore));
+        assert_eq!(out, ack(NBD_OPT_LIST_META_CONTEXT));
     }
 
     #[test]

@@ -254,11 +254,12 @@ pub const EXTENDED_REPLY_BYTES: usize = 4 + 2 + 2 + 8 + 8 + 8;
 pub const NAME_BYTES_MAX: usize = 4096;
 /// Most queries accepted in one `NBD_OPT_{LIST,SET}_META_CONTEXT`; more get `ERR_TOO_BIG`.
 pub const META_CONTEXT_QUERIES_MAX: usize = 16;
-/// Largest option payload that is buffered and parsed, in bytes: room for a meta-context
-/// option with a maximal export name and [`META_CONTEXT_QUERIES_MAX`] maximal queries. Larger
-/// payloads are skipped without buffering and answered with an error (see `handshake`).
-pub const OPTION_BYTES_MAX: usize =
-    4 + NAME_BYTES_MAX + 4 + META_CONTEXT_QUERIES_MAX * (4 + NAME_BYTES_MAX);
+/// Largest option payload that is buffered and parsed, in bytes: an option header plus this
+/// fit a 64 KiB receive buffer (`handshake::HANDSHAKE_INPUT_BYTES_MAX`). That is room for a
+/// maximal export name plus 14 maximal meta-context queries, far more than real clients send.
+/// Larger payloads are skipped without buffering and answered with an error (see
+/// `handshake`).
+pub const OPTION_BYTES_MAX: usize = 64 * 1024 - OPTION_HEADER_BYTES;
 /// Options accepted on one connection; the next one closes it (denial of service).
 pub const OPTIONS_COUNT_MAX: u32 = 64;
 /// Largest READ or WRITE payload, in bytes (2^25, the spec's portable limit). A WRITE payload
@@ -274,6 +275,9 @@ const _: () = assert!(SIMPLE_REPLY_BYTES == 16);
 const _: () = assert!(STRUCTURED_REPLY_BYTES == 20);
 const _: () = assert!(EXTENDED_REPLY_BYTES == 32);
 const _: () = assert!(OPTION_BYTES_MAX < u32::MAX as usize);
+// A maximal NBD_OPT_INFO/GO (name, many info requests) and a meta-context option with a
+// maximal name and several maximal queries are always buffered.
+const _: () = assert!(OPTION_BYTES_MAX >= 4 + NAME_BYTES_MAX + 4 + 8 * (4 + NAME_BYTES_MAX));
 const _: () = assert!(PAYLOAD_BYTES_MAX.is_power_of_two());
 const _: () = assert!(NBD_OPT_INFO != NBD_OPT_GO);
 
