@@ -26,6 +26,8 @@
 
 pub mod config;
 pub mod config_file;
+pub mod control;
+pub mod faults;
 pub mod metrics;
 pub mod process;
 #[allow(unsafe_code)]

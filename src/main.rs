@@ -12,12 +12,15 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use ringbd::config::{self, Config};
 use ringbd::config_file::{self, Environment, Overrides, Settings};
+use ringbd::faults::{FaultSettings, PowerLossConfig};
 use ringbd::process::{self, PidFile};
 use ringbd::ring::sys;
 use ringbd::server::Listener;
 use ringbd::systemd;
 use ringbd::target::backend::CacheMode;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use ringbd::target::fault::Rule;
+use ringbd::target::volatile::CutMode;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 
 /// Exit code of a clean stop.
 const EXIT_OK: i32 = 0;
@@ -148,6 +151,24 @@ struct ServeArgs {
     /// Log format. Default: text.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+    /// Inject a fault into every export (repeatable): `error:OP[:PARAMS]` or `delay:OP:PARAMS`,
+    /// e.g. `error:write:errno=EIO,p=0.01` or `delay:read:min=1,max=20` (see docs/FAULTS.md).
+    #[arg(long = "fault", value_name = "RULE")]
+    faults: Vec<String>,
+    /// Seed of the fault generator (decisions are reproducible for the same seed and workload).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    fault_seed: u64,
+    /// Simulate a volatile write cache: a power cut (control socket `cut`, or SIGUSR1) loses
+    /// every write not yet flushed (`drop`) or a seeded subset of its sectors (`torn`).
+    #[arg(long, value_name = "MODE")]
+    power_loss: Option<String>,
+    /// Bound of the unflushed-write log per export, in MiB (beyond it the "device" writes its
+    /// cache back on its own, as real disks may).
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    power_loss_max_mib: u64,
+    /// Control socket for faults and power cuts at run time (see docs/FAULTS.md).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -226,6 +247,28 @@ fn online_cores() -> usize {
         .unwrap_or(1)
 }
 
+/// Fault-injection flags, checked before anything starts.
+fn fault_settings(args: &ServeArgs) -> Result<FaultSettings, String> {
+    let rules = args
+        .faults
+        .iter()
+        .map(|rule| Rule::parse(rule))
+        .collect::<Result<Vec<_>, _>>()?;
+    let power_loss = match &args.power_loss {
+        Some(mode) => Some(PowerLossConfig {
+            mode: CutMode::parse(mode)?,
+            undo_bytes_max: args.power_loss_max_mib.saturating_mul(1 << 20),
+        }),
+        None => None,
+    };
+    Ok(FaultSettings {
+        rules,
+        seed: args.fault_seed,
+        power_loss,
+        control: args.control.clone(),
+    })
+}
+
 fn overrides(args: ServeArgs) -> Overrides {
     Overrides {
         exports: args.exports,
@@ -294,6 +337,7 @@ fn host_warnings(settings: &Settings) -> Vec<String> {
 }
 
 fn serve(args: ServeArgs) -> Result<(), Failure> {
+    let faults = fault_settings(&args).map_err(usage)?;
     // Before anything opens a descriptor: inherited sockets are fds 3, 4, ...
     let inherited = systemd::inherited_listeners()
         .map_err(|error| Failure::Runtime(anyhow::anyhow!("socket activation: {error}")))?;
@@ -312,7 +356,7 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         .map_err(usage)?;
     let config = &settings.config;
     report_memlock(config);
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1])
         .context("cannot install signal handlers")?;
     let mut listeners = ringbd::server::bind(config)?;
     listeners.extend(inherited);
@@ -356,9 +400,11 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         "READY=1\nSTATUS=serving {} export(s)",
         config.exports.len()
     ));
+    server.configure_faults(&faults)?;
     for signal in signals.forever() {
         match signal {
             SIGHUP => tracing::info!("SIGHUP: export reload is not implemented yet; ignoring"),
+            SIGUSR1 => server.cut_all(),
             _ => break,
         }
     }

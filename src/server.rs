@@ -239,7 +239,11 @@ pub fn open_exports(config: &Config) -> Result<Vec<Export>> {
             export = %info.name, size = info.size, direct = backend.is_direct(),
             min_block = info.block_size.minimum, read_only = info.read_only, "export ready"
         );
-        exports.push(Export { info, backend });
+        exports.push(Export {
+            info,
+            backend,
+            faults: crate::faults::FaultState::none(),
+        });
     }
     Ok(exports)
 }
@@ -477,6 +481,39 @@ impl RefusedLog {
 }
 
 impl Server {
+    /// Applies command-line fault settings to every export and opens the control socket.
+    pub fn configure_faults(&mut self, settings: &crate::faults::FaultSettings) -> Result<()> {
+        for export in &self.shared.exports {
+            export
+                .faults
+                .reseed(settings.seed, settings.rules.clone())
+                .map_err(anyhow::Error::msg)?;
+            if let Some(power) = settings.power_loss {
+                export
+                    .faults
+                    .enable_power_loss(power)
+                    .map_err(anyhow::Error::msg)?;
+            }
+        }
+        if !settings.rules.is_empty() || settings.power_loss.is_some() {
+            tracing::warn!(
+                rules = settings.rules.len(), seed = settings.seed,
+                power_loss = ?settings.power_loss.map(|p| p.mode), "fault injection is ON"
+            );
+        }
+        if let Some(path) = &settings.control {
+            crate::control::spawn(path, self.shared.clone())
+                .with_context(|| format!("cannot open the control socket {}", path.display()))?;
+            self.unix_paths.push(path.clone());
+        }
+        Ok(())
+    }
+
+    /// Simulates a power cut on every export with power-loss simulation (SIGUSR1).
+    pub fn cut_all(&self) {
+        crate::control::cut_all(&self.shared);
+    }
+
     /// Serves Prometheus metrics on `listener` until the server stops.
     pub fn serve_metrics(&mut self, listener: TcpListener) -> Result<()> {
         assert!(self.metrics.is_none(), "one metrics endpoint");

@@ -34,11 +34,13 @@ use crossbeam_channel::Receiver;
 use slab::Slab;
 
 use crate::config::{RECV_BUFFER_BYTES, RING_ENTRIES, SHUTDOWN_GRACE_SECONDS};
+use crate::faults::{Durable, FaultState};
 use crate::ring::{Buf, Completion, Ring, RingConfig, RingError, SendBatch};
 use crate::stats::{self, ShardStats, StatsHub};
 use crate::target::backend::FileBackend;
 use crate::target::codec::{self, Extent, ReplyHead, ReplyStyle};
 use crate::target::export::ExportInfo;
+use crate::target::fault::FaultOp;
 use crate::target::handshake::{Event, Handshake, HandshakeConfig, Session};
 use crate::target::proto::{self, NbdErrno};
 use crate::target::validate::{self, Command, Verdict};
@@ -57,6 +59,8 @@ pub struct Export {
     pub info: ExportInfo,
     /// Where the bytes live.
     pub backend: FileBackend,
+    /// Injected faults and power-loss simulation.
+    pub faults: FaultState,
 }
 
 /// State shared by the server and every shard.
@@ -129,6 +133,7 @@ enum Ctx {
     HandshakeTimer(usize, u64),
     StopTimer,
     StatsTimer,
+    Delayed(usize),
 }
 
 #[derive(Debug)]
@@ -176,6 +181,19 @@ struct Conn {
     stop_reading: bool,
     wait_buffers: bool,
     export: usize,
+    /// Power epoch of the export when the handshake finished (power-loss simulation).
+    epoch: u64,
+}
+
+/// What fault injection does with a request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fault {
+    /// Run it, after this delay if any.
+    Proceed(Option<Duration>),
+    /// Answer this error instead.
+    Fail(NbdErrno),
+    /// The export lost power since the connection started: close it.
+    PowerLost,
 }
 
 /// Why parsing of a connection's input stopped (or that it can go on).
@@ -216,6 +234,10 @@ struct Request {
     fua: bool,
     fast: bool,
     mode: i32,
+    /// Injected delay still to wait before the operation is submitted.
+    delay: Option<Duration>,
+    /// Counted in the export's power-loss in-flight count.
+    power_counted: bool,
 }
 
 /// Runs one shard until the server stops. Call on the shard's own thread.
@@ -334,6 +356,16 @@ impl Shard {
                     self.close(key, "handshake timed out");
                 }
             }
+            Ctx::Delayed(request_key) => {
+                let conn_key = self.requests[request_key].conn;
+                if self.conns[conn_key].closing {
+                    self.drop_request(request_key);
+                    self.conns[conn_key].ops -= 1;
+                    self.maybe_free(conn_key);
+                } else {
+                    self.begin_io(request_key);
+                }
+            }
             Ctx::StatsTimer => {
                 self.publish_stats();
                 self.ring.timeout(STATS_PUBLISH_INTERVAL, Ctx::StatsTimer);
@@ -396,6 +428,7 @@ impl Shard {
                 stop_reading: false,
                 wait_buffers: false,
                 export: 0,
+                epoch: 0,
             });
             self.load.connections.fetch_add(1, Ordering::Relaxed);
             self.stats.accepted_total += 1;
@@ -499,7 +532,7 @@ impl Shard {
             return;
         }
         conn.payload = None;
-        self.submit_io(request_key);
+        self.begin_io(request_key);
         self.process_input(key);
     }
 
@@ -592,6 +625,7 @@ impl Shard {
                     style = ?session.reply_style, "client connected"
                 );
                 conn.export = session.export_id;
+                conn.epoch = self.shared.exports[session.export_id].faults.epoch();
                 self.stats.exports[session.export_id].connections_total += 1;
                 conn.phase = Phase::Transmission(session);
                 set_nodelay(&conn.socket);
@@ -663,13 +697,30 @@ impl Shard {
                 self.queue_reply(key, Out::Head(head));
                 Step::Progress
             }
-            Verdict::Serve(command) => {
-                if self.start(key, &request, command, header_bytes) {
+            Verdict::Serve(command) => match self.fault_check(key, command) {
+                Fault::Proceed(delay) => {
+                    if self.start(key, &request, command, header_bytes, delay) {
+                        Step::Progress
+                    } else {
+                        Step::Blocked
+                    }
+                }
+                Fault::Fail(errno) => {
+                    let conn = &mut self.conns[key];
+                    conn.rstart += header_bytes;
+                    conn.drain = match command {
+                        Command::Write { length, .. } => length,
+                        _ => 0,
+                    };
+                    let head = codec::reply_error(style, request.cookie, request.offset, errno);
+                    self.queue_reply(key, Out::Head(head));
                     Step::Progress
-                } else {
+                }
+                Fault::PowerLost => {
+                    self.close(key, "export lost power (simulated power cut)");
                     Step::Blocked
                 }
-            }
+            },
             Verdict::Reject {
                 errno,
                 payload_bytes,
@@ -696,6 +747,7 @@ impl Shard {
         request: &codec::Request,
         command: Command,
         header: usize,
+        delay: Option<Duration>,
     ) -> bool {
         let export_id = self.conns[key].export;
         let backend = &self.shared.exports[export_id].backend;
@@ -725,6 +777,8 @@ impl Shard {
             fua: false,
             fast: false,
             mode: 0,
+            delay,
+            power_counted: false,
         };
         match command {
             Command::Read { offset, length, .. } => {
@@ -857,7 +911,7 @@ impl Shard {
                 return true;
             }
         }
-        self.submit_io(request_key);
+        self.begin_io(request_key);
         true
     }
 
@@ -960,6 +1014,71 @@ impl Shard {
     }
 
     // ------------------------------------------------------------------ backend side
+
+    /// Injected faults for a request about to start (one relaxed load when none are set).
+    fn fault_check(&mut self, key: usize, command: Command) -> Fault {
+        let conn = &self.conns[key];
+        let export = &self.shared.exports[conn.export];
+        if !export.faults.powered(conn.epoch) {
+            return Fault::PowerLost;
+        }
+        let (op, offset, length) = match command {
+            Command::Read { offset, length, .. } => (FaultOp::Read, offset, length),
+            Command::Write { offset, length, .. } => (FaultOp::Write, offset, length),
+            Command::Flush => (FaultOp::Flush, 0, 0),
+            Command::Trim { offset, length, .. } => (FaultOp::Trim, offset, length),
+            Command::WriteZeroes { offset, length, .. } => (FaultOp::Zero, offset, length),
+            Command::Cache { offset, length } => (FaultOp::Cache, offset, length),
+            Command::BlockStatus { offset, length, .. } => (FaultOp::BlockStatus, offset, length),
+            Command::Disconnect => return Fault::Proceed(None),
+        };
+        let Some(decision) = export.faults.decide(op, offset, length) else {
+            return Fault::Proceed(None);
+        };
+        tracing::warn!(
+            export = %export.info.name, ?op, offset, length, sequence = decision.sequence,
+            seed = export.faults.seed(), error = ?decision.error, delay = ?decision.delay,
+            "injected fault"
+        );
+        match decision.error {
+            Some(errno) => Fault::Fail(errno),
+            None => Fault::Proceed(decision.delay),
+        }
+    }
+
+    /// Submits a started request: after its injected delay (a ring timeout), and with the
+    /// power-loss bookkeeping of its export (in-flight count, pre-images).
+    fn begin_io(&mut self, request_key: usize) {
+        let request = &mut self.requests[request_key];
+        if let Some(delay) = request.delay.take() {
+            self.ring.timeout(delay, Ctx::Delayed(request_key));
+            return;
+        }
+        let conn_key = request.conn;
+        let conn = &self.conns[conn_key];
+        let export = &self.shared.exports[conn.export];
+        if export.faults.power_loss() {
+            if !export.faults.begin(conn.epoch) {
+                self.drop_request(request_key);
+                self.conns[conn_key].ops -= 1;
+                self.close(conn_key, "export lost power (simulated power cut)");
+                return;
+            }
+            request.power_counted = true;
+            let modifies = matches!(request.op, Op::Write | Op::Trim | Op::Zero | Op::ZeroWrite);
+            let (offset, length) = (request.file_offset, request.length);
+            if modifies
+                && !request.fua
+                && !export
+                    .faults
+                    .save_pre_image(export.backend.medium(), offset, length)
+            {
+                self.finish(request_key, Err(NbdErrno::Io));
+                return;
+            }
+        }
+        self.submit_io(request_key);
+    }
 
     fn submit_io(&mut self, request_key: usize) {
         let request = &mut self.requests[request_key];
@@ -1079,6 +1198,16 @@ impl Shard {
         let mut request = self.requests.remove(request_key);
         let conn = &mut self.conns[request.conn];
         conn.ops -= 1;
+        if request.power_counted {
+            let durable = match (request.op, outcome) {
+                (Op::Flush, Ok(())) => Durable::Everything,
+                (Op::Write | Op::SyncAfter, Ok(())) if request.fua => {
+                    Durable::Range(request.file_offset, request.length)
+                }
+                _ => Durable::Nothing,
+            };
+            self.shared.exports[conn.export].faults.end(durable);
+        }
         let bytes = if matches!(request.op, Op::Read | Op::Write) {
             request.length
         } else {
@@ -1115,6 +1244,10 @@ impl Shard {
 
     fn drop_request(&mut self, request_key: usize) {
         let mut request = self.requests.remove(request_key);
+        if request.power_counted {
+            let export = self.conns[request.conn].export;
+            self.shared.exports[export].faults.end(Durable::Nothing);
+        }
         if let Some(buf) = request.buf.take() {
             self.ring.pool_mut().check_in(buf);
         }

@@ -168,6 +168,11 @@ impl FileBackend {
         }
     }
 
+    /// The buffered file, for synchronous access outside the ring (power-loss simulation).
+    pub fn medium(&self) -> &File {
+        &self.buffered
+    }
+
     /// The descriptor for FLUSH, TRIM, WRITE_ZEROES and CACHE.
     pub fn control_fd(&self) -> RawFd {
         self.buffered.as_raw_fd()
