@@ -389,9 +389,9 @@ impl ConfigError {
         }
     }
 
-    fn with_message(mut self, message: impl Into<String>) -> Self {
+    fn with_message(mut self, message: impl Into<String>) -> Box<Self> {
         self.message = message.into();
-        self
+        Box::new(self)
     }
 }
 
@@ -427,21 +427,23 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
 }
 
 /// Reads and parses a configuration file.
-pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+pub fn load(path: &Path) -> Result<FileConfig, Box<ConfigError>> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|error| ConfigError {
-        file: file.clone(),
-        position: None,
-        key: None,
-        message: format!("cannot read the configuration file: {error}"),
-        source_line: None,
-        width: 1,
+    let text = std::fs::read_to_string(path).map_err(|error| {
+        Box::new(ConfigError {
+            file: file.clone(),
+            position: None,
+            key: None,
+            message: format!("cannot read the configuration file: {error}"),
+            source_line: None,
+            width: 1,
+        })
     })?;
     parse(&text, &file)
 }
 
 /// Parses configuration text; `file` names it in errors.
-pub fn parse(text: &str, file: &str) -> Result<FileConfig, ConfigError> {
+pub fn parse(text: &str, file: &str) -> Result<FileConfig, Box<ConfigError>> {
     let deserializer = toml::Deserializer::parse(text).map_err(|error| {
         ConfigError::at(text, file, error.span(), None).with_message(error.message())
     })?;
@@ -460,7 +462,7 @@ pub fn parse(text: &str, file: &str) -> Result<FileConfig, ConfigError> {
 }
 
 /// Rules across keys: unique names, `size` only for files.
-fn check_exports(parsed: &FileConfig, text: &str, file: &str) -> Result<(), ConfigError> {
+fn check_exports(parsed: &FileConfig, text: &str, file: &str) -> Result<(), Box<ConfigError>> {
     for (index, export) in parsed.exports.iter().enumerate() {
         let name = &export.name.get_ref().0;
         let earlier = parsed.exports[..index]
@@ -785,7 +787,7 @@ read_only = true
     };
 
     fn error_of(text: &str) -> ConfigError {
-        parse(text, "ringbd.toml").expect_err("the text is invalid")
+        *parse(text, "ringbd.toml").expect_err("the text is invalid")
     }
 
     #[test]

@@ -352,6 +352,9 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
     let settings =
         config_file::resolve(file.as_ref(), &overrides(args), environment).map_err(usage)?;
     init_logging(&settings.log_level, settings.log_format);
+    for listener in &inherited {
+        tracing::info!(listener = %listener.describe(), "listening (inherited)");
+    }
     let identity = process::resolve_identity(settings.user.as_deref(), settings.group.as_deref())
         .map_err(usage)?;
     let config = &settings.config;

@@ -63,6 +63,17 @@ const LISTEN_BACKLOG: i32 = 1024;
 const REFUSED_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Listener {
+    /// `tcp ADDRESS` or `unix PATH`, for logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(listener) => match listener.local_addr() {
+                Ok(address) => format!("tcp {address}"),
+                Err(_) => "tcp (unknown address)".into(),
+            },
+            Listener::Unix { path, .. } => format!("unix {}", path.display()),
+        }
+    }
+
     fn fd(&self) -> RawFd {
         match self {
             Listener::Tcp(listener) => listener.as_raw_fd(),

@@ -49,7 +49,8 @@ pub fn listen_fds_count(
     Ok(count)
 }
 
-/// Takes the listening sockets passed by socket activation (none if not activated).
+/// Takes the listening sockets passed by socket activation (none if not activated). Call it
+/// before logging is set up if need be: it logs nothing (see [`Listener::describe`]).
 pub fn inherited_listeners() -> Result<Vec<Listener>, String> {
     let pid = std::env::var("LISTEN_PID").ok();
     let fds = std::env::var("LISTEN_FDS").ok();
@@ -67,8 +68,6 @@ pub fn inherited_listeners() -> Result<Vec<Listener>, String> {
                 listener
                     .set_nonblocking(false)
                     .map_err(|error| format!("inherited socket fd {fd}: {error}"))?;
-                let address = listener.local_addr().map(|a| a.to_string());
-                tracing::info!(fd, name, address = ?address, "listening (tcp, inherited)");
                 Listener::Tcp(listener)
             }
             InheritedListener::Unix(listener) => {
@@ -80,7 +79,6 @@ pub fn inherited_listeners() -> Result<Vec<Listener>, String> {
                     .ok()
                     .and_then(|address| address.as_pathname().map(PathBuf::from))
                     .unwrap_or_else(|| PathBuf::from(format!("inherited-fd-{fd}")));
-                tracing::info!(fd, name, path = %path.display(), "listening (unix, inherited)");
                 Listener::Unix {
                     listener,
                     path,
