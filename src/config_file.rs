@@ -573,47 +573,7 @@ pub fn resolve(
     let empty = FileConfig::default();
     let file = file.unwrap_or(&empty);
     let server = &file.server;
-    let mut exports = Vec::new();
-    for table in &file.exports {
-        exports.push(export_from_table(table, server, overrides)?);
-    }
-    for text in &overrides.exports {
-        let cache = overrides
-            .cache
-            .or(server.cache.map(CacheMode::from))
-            .unwrap_or_default();
-        let read_only = overrides.read_only || server.read_only.unwrap_or(false);
-        let mut spec = ExportSpec::parse(text, read_only, cache)?;
-        if matches!(spec.source, Source::Path(_)) {
-            spec.create_bytes = overrides.create_bytes;
-        }
-        exports.push(spec);
-    }
-    let config = Config {
-        exports,
-        listen: listeners(server, overrides, environment),
-        shards: overrides
-            .shards
-            .or(server.shards)
-            .unwrap_or(environment.cores),
-        queue_depth: overrides
-            .queue_depth
-            .or(server.queue_depth)
-            .unwrap_or(config::QUEUE_DEPTH_DEFAULT),
-        buffer_mib: overrides
-            .buffer_mib
-            .or(server.buffer_mib)
-            .unwrap_or(config::BUFFER_MIB_DEFAULT),
-        max_connections: overrides
-            .max_connections
-            .or(server.max_connections)
-            .unwrap_or(config::MAX_CONNECTIONS_DEFAULT),
-        handshake_timeout_seconds: overrides
-            .handshake_timeout_seconds
-            .or(server.handshake_timeout_seconds)
-            .unwrap_or(config::HANDSHAKE_TIMEOUT_SECONDS),
-        unix_mode: overrides.unix_mode.or(server.unix_mode.map(|mode| mode.0)),
-    };
+    let config = data_plane_config(file, overrides, environment)?;
     config.validate()?;
     let metrics = overrides
         .metrics
@@ -639,6 +599,57 @@ pub fn resolve(
             .log_format
             .or(server.log_format)
             .unwrap_or_default(),
+    })
+}
+
+/// The [`Config`] part of [`resolve`]: exports (the file's, then the flags'), listeners and
+/// limits.
+fn data_plane_config(
+    file: &FileConfig,
+    overrides: &Overrides,
+    environment: Environment,
+) -> Result<Config, String> {
+    let server = &file.server;
+    let mut exports = Vec::new();
+    for table in &file.exports {
+        exports.push(export_from_table(table, server, overrides)?);
+    }
+    for text in &overrides.exports {
+        let cache = overrides
+            .cache
+            .or(server.cache.map(CacheMode::from))
+            .unwrap_or_default();
+        let read_only = overrides.read_only || server.read_only.unwrap_or(false);
+        let mut spec = ExportSpec::parse(text, read_only, cache)?;
+        if matches!(spec.source, Source::Path(_)) {
+            spec.create_bytes = overrides.create_bytes;
+        }
+        exports.push(spec);
+    }
+    Ok(Config {
+        exports,
+        listen: listeners(server, overrides, environment),
+        shards: overrides
+            .shards
+            .or(server.shards)
+            .unwrap_or(environment.cores),
+        queue_depth: overrides
+            .queue_depth
+            .or(server.queue_depth)
+            .unwrap_or(config::QUEUE_DEPTH_DEFAULT),
+        buffer_mib: overrides
+            .buffer_mib
+            .or(server.buffer_mib)
+            .unwrap_or(config::BUFFER_MIB_DEFAULT),
+        max_connections: overrides
+            .max_connections
+            .or(server.max_connections)
+            .unwrap_or(config::MAX_CONNECTIONS_DEFAULT),
+        handshake_timeout_seconds: overrides
+            .handshake_timeout_seconds
+            .or(server.handshake_timeout_seconds)
+            .unwrap_or(config::HANDSHAKE_TIMEOUT_SECONDS),
+        unix_mode: overrides.unix_mode.or(server.unix_mode.map(|mode| mode.0)),
     })
 }
 

@@ -338,23 +338,7 @@ fn host_warnings(settings: &Settings) -> Vec<String> {
 
 fn serve(args: ServeArgs) -> Result<(), Failure> {
     let faults = fault_settings(&args).map_err(usage)?;
-    // Before anything opens a descriptor: inherited sockets are fds 3, 4, ...
-    let inherited = systemd::inherited_listeners()
-        .map_err(|error| Failure::Runtime(anyhow::anyhow!("socket activation: {error}")))?;
-    let file = match &args.config {
-        Some(path) => Some(config_file::load(path).map_err(usage)?),
-        None => None,
-    };
-    let environment = Environment {
-        cores: online_cores(),
-        socket_activated: !inherited.is_empty(),
-    };
-    let settings =
-        config_file::resolve(file.as_ref(), &overrides(args), environment).map_err(usage)?;
-    init_logging(&settings.log_level, settings.log_format);
-    for listener in &inherited {
-        tracing::info!(listener = %listener.describe(), "listening (inherited)");
-    }
+    let (settings, inherited) = settings_and_inherited_sockets(args)?;
     let identity = process::resolve_identity(settings.user.as_deref(), settings.group.as_deref())
         .map_err(usage)?;
     let config = &settings.config;
@@ -374,35 +358,9 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         None => None,
     };
     let mut pid_file = None;
-    let before_accept = || {
-        if let Some(path) = &settings.pid_file {
-            let created = PidFile::create(path)
-                .with_context(|| format!("cannot write the PID file {}", path.display()))?;
-            pid_file = Some(created);
-        }
-        if let Some(identity) = identity {
-            process::switch_identity(identity).with_context(|| {
-                format!("cannot switch to uid {} gid {}", identity.uid, identity.gid)
-            })?;
-            tracing::info!(uid = identity.uid, gid = identity.gid, "switched identity");
-        }
-        Ok(())
-    };
+    let before_accept = || drop_to_service(&settings, identity, &mut pid_file);
     let mut server = ringbd::server::start_with(config, listeners, before_accept)?;
-    if let Some(listener) = metrics {
-        tracing::info!(address = %listener.local_addr().context("metrics address")?, "metrics on /metrics");
-        server.serve_metrics(listener)?;
-    }
-    tracing::info!(
-        shards = config.shards,
-        exports = config.exports.len(),
-        version = env!("CARGO_PKG_VERSION"),
-        "ringbd serving"
-    );
-    systemd::notify(&format!(
-        "READY=1\nSTATUS=serving {} export(s)",
-        config.exports.len()
-    ));
+    announce(&mut server, metrics, config)?;
     server.configure_faults(&faults)?;
     for signal in signals.forever() {
         match signal {
@@ -416,6 +374,73 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
     let result = server.stop();
     drop(pid_file);
     result.map_err(Failure::Runtime)
+}
+
+/// Takes inherited sockets (first: before anything opens a descriptor, they are fds 3, 4,
+/// ...), reads the configuration file, merges the flags, and starts logging.
+fn settings_and_inherited_sockets(args: ServeArgs) -> Result<(Settings, Vec<Listener>), Failure> {
+    let inherited = systemd::inherited_listeners()
+        .map_err(|error| Failure::Runtime(anyhow::anyhow!("socket activation: {error}")))?;
+    let file = match &args.config {
+        Some(path) => Some(config_file::load(path).map_err(usage)?),
+        None => None,
+    };
+    let environment = Environment {
+        cores: online_cores(),
+        socket_activated: !inherited.is_empty(),
+    };
+    let settings =
+        config_file::resolve(file.as_ref(), &overrides(args), environment).map_err(usage)?;
+    init_logging(&settings.log_level, settings.log_format);
+    for listener in &inherited {
+        tracing::info!(listener = %listener.describe(), "listening (inherited)");
+    }
+    Ok((settings, inherited))
+}
+
+/// Runs once the exports are open and the shards ready, before the first accept: writes the
+/// PID file, then switches identity.
+fn drop_to_service(
+    settings: &Settings,
+    identity: Option<process::Identity>,
+    pid_file: &mut Option<PidFile>,
+) -> Result<()> {
+    if let Some(path) = &settings.pid_file {
+        let created = PidFile::create(path)
+            .with_context(|| format!("cannot write the PID file {}", path.display()))?;
+        *pid_file = Some(created);
+    }
+    if let Some(identity) = identity {
+        process::switch_identity(identity).with_context(|| {
+            format!("cannot switch to uid {} gid {}", identity.uid, identity.gid)
+        })?;
+        tracing::info!(uid = identity.uid, gid = identity.gid, "switched identity");
+    }
+    Ok(())
+}
+
+/// Starts the metrics endpoint, logs that the server is up and tells the service manager.
+fn announce(
+    server: &mut ringbd::server::Server,
+    metrics: Option<std::net::TcpListener>,
+    config: &Config,
+) -> Result<()> {
+    if let Some(listener) = metrics {
+        let address = listener.local_addr().context("metrics address")?;
+        tracing::info!(%address, "metrics on /metrics");
+        server.serve_metrics(listener)?;
+    }
+    tracing::info!(
+        shards = config.shards,
+        exports = config.exports.len(),
+        version = env!("CARGO_PKG_VERSION"),
+        "ringbd serving"
+    );
+    systemd::notify(&format!(
+        "READY=1\nSTATUS=serving {} export(s)",
+        config.exports.len()
+    ));
+    Ok(())
 }
 
 /// Unix sockets this server created are handed to the identity it will switch to, so that

@@ -266,6 +266,48 @@ struct ShardThread {
     thread: JoinHandle<()>,
 }
 
+/// Starts one pinned thread per shard and waits until every ring is set up.
+fn spawn_shards(config: &Config, shared: &Arc<Shared>) -> Result<Vec<ShardThread>> {
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let (ready_tx, ready_rx) = crossbeam_channel::bounded(config.shards);
+    let mut shards = Vec::new();
+    for index in 0..config.shards {
+        let (sender, receiver) = crossbeam_channel::unbounded();
+        let wake = sys::eventfd().context("eventfd")?;
+        let wake_fd = wake.as_raw_fd();
+        let load = Arc::new(ShardLoad::default());
+        let (shared, load_for_shard, ready) = (shared.clone(), load.clone(), ready_tx.clone());
+        let core = (!cores.is_empty()).then(|| cores[index % cores.len()]);
+        let thread = std::thread::Builder::new()
+            .name(format!("ringbd-shard-{index}"))
+            .spawn(move || {
+                if let Some(core) = core {
+                    core_affinity::set_for_current(core);
+                }
+                let result = shard::run(index, shared, receiver, wake_fd, load_for_shard, ready);
+                if let Err(error) = result {
+                    tracing::error!(shard = index, %error, "shard failed");
+                }
+            })
+            .context("cannot spawn a shard thread")?;
+        shards.push(ShardThread {
+            sender,
+            wake,
+            load,
+            thread,
+        });
+    }
+    drop(ready_tx);
+    for _ in 0..config.shards {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(message)) => bail!("{message}"),
+            Err(_) => bail!("a shard exited during startup"),
+        }
+    }
+    Ok(shards)
+}
+
 /// Counters the acceptor keeps.
 #[derive(Debug, Default)]
 struct AcceptCounters {
@@ -315,43 +357,7 @@ pub fn start_with(
         stats: crate::stats::StatsHub::new(config.shards, config.exports.len()),
         handshake_timeout: Duration::from_secs(config.handshake_timeout_seconds),
     });
-    let cores = core_affinity::get_core_ids().unwrap_or_default();
-    let (ready_tx, ready_rx) = crossbeam_channel::bounded(config.shards);
-    let mut shards = Vec::new();
-    for index in 0..config.shards {
-        let (sender, receiver) = crossbeam_channel::unbounded();
-        let wake = sys::eventfd().context("eventfd")?;
-        let wake_fd = wake.as_raw_fd();
-        let load = Arc::new(ShardLoad::default());
-        let (shared, load_for_shard, ready) = (shared.clone(), load.clone(), ready_tx.clone());
-        let core = (!cores.is_empty()).then(|| cores[index % cores.len()]);
-        let thread = std::thread::Builder::new()
-            .name(format!("ringbd-shard-{index}"))
-            .spawn(move || {
-                if let Some(core) = core {
-                    core_affinity::set_for_current(core);
-                }
-                let result = shard::run(index, shared, receiver, wake_fd, load_for_shard, ready);
-                if let Err(error) = result {
-                    tracing::error!(shard = index, %error, "shard failed");
-                }
-            })
-            .context("cannot spawn a shard thread")?;
-        shards.push(ShardThread {
-            sender,
-            wake,
-            load,
-            thread,
-        });
-    }
-    drop(ready_tx);
-    for _ in 0..config.shards {
-        match ready_rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(message)) => bail!("{message}"),
-            Err(_) => bail!("a shard exited during startup"),
-        }
-    }
+    let shards = spawn_shards(config, &shared)?;
     before_accept()?;
     let acceptor_wake = Arc::new(sys::eventfd().context("eventfd")?);
     let unix_paths = listeners
