@@ -18,6 +18,9 @@
 //!   buffer pool and the typed `user_data` keyspace. It knows nothing about NBD.
 //! * [`shard`] drives a ring with the protocol engine; [`server`] owns listeners, the
 //!   acceptor and the shard threads.
+//! * [`config`] holds the limits; [`config_file`] the TOML file and how flags override it;
+//!   [`metrics`] renders the statistics for Prometheus; [`systemd`] takes socket-activated
+//!   listeners and reports readiness; [`process`] writes the PID file and drops privileges.
 //!
 //! See `docs/ARCHITECTURE.md` for the request flow and `docs/INVARIANTS.md` for every
 //! `unsafe` contract.
