@@ -652,3 +652,11 @@ fn user_switch_happens_after_binding_and_opening_exports() {
     drop(client);
     assert_eq!(server.terminate().code(), Some(0), "{}", server.log());
 }
+
+#[test]
+fn the_contrib_example_configuration_is_valid() {
+    let example = repo_root().join("contrib/ringbd.toml");
+    let out = ringbd(&["check-config", example.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{out}");
+    assert!(out.stdout.contains("name = \"vm1\""), "{out}");
+}
