@@ -135,6 +135,12 @@ struct Slot<T> {
     fd: RawFd,
 }
 
+impl<T> Slot<T> {
+    fn new(ctx: T, resources: Resources, fd: RawFd) -> Slot<T> {
+        Slot { ctx, resources, fd }
+    }
+}
+
 /// One io_uring with its registered buffer pool and in-flight table.
 pub struct Ring<T> {
     uring: IoUring,
@@ -255,14 +261,7 @@ impl<T> Ring<T> {
                 .offset(offset)
                 .build()
         };
-        self.push(
-            entry,
-            Slot {
-                ctx,
-                resources: Resources::Buf(buf),
-                fd,
-            },
-        );
+        self.push(entry, Slot::new(ctx, Resources::Buf(buf), fd));
     }
 
     /// Writes `buf[at..at + len]` at file `offset`; `dsync` makes it durable on completion.
@@ -291,14 +290,7 @@ impl<T> Ring<T> {
                 .rw_flags(flags)
                 .build()
         };
-        self.push(
-            entry,
-            Slot {
-                ctx,
-                resources: Resources::Buf(buf),
-                fd,
-            },
-        );
+        self.push(entry, Slot::new(ctx, Resources::Buf(buf), fd));
     }
 
     /// `fsync`/`fdatasync` of the whole file.
@@ -309,14 +301,7 @@ impl<T> Ring<T> {
             types::FsyncFlags::empty()
         };
         let entry = opcode::Fsync::new(types::Fd(fd)).flags(flags).build();
-        self.push(
-            entry,
-            Slot {
-                ctx,
-                resources: Resources::None,
-                fd,
-            },
-        );
+        self.push(entry, Slot::new(ctx, Resources::None, fd));
     }
 
     /// `fallocate(fd, mode, offset, len)`.
@@ -325,14 +310,7 @@ impl<T> Ring<T> {
             .offset(offset)
             .mode(mode)
             .build();
-        self.push(
-            entry,
-            Slot {
-                ctx,
-                resources: Resources::None,
-                fd,
-            },
-        );
+        self.push(entry, Slot::new(ctx, Resources::None, fd));
     }
 
     /// `posix_fadvise(fd, offset, len, advice)`.
@@ -341,14 +319,7 @@ impl<T> Ring<T> {
         let entry = opcode::Fadvise::new(types::Fd(fd), len, advice)
             .offset(offset)
             .build();
-        self.push(
-            entry,
-            Slot {
-                ctx,
-                resources: Resources::None,
-                fd,
-            },
-        );
+        self.push(entry, Slot::new(ctx, Resources::None, fd));
     }
 
     /// Receives up to `len` bytes from a socket into `buf[at..at + len]`. With `wait_all`
@@ -360,14 +331,7 @@ impl<T> Ring<T> {
         let entry = opcode::Recv::new(types::Fd(fd), address, len)
             .flags(flags)
             .build();
-        self.push(
-            entry,
-            Slot {
-                ctx,
-                resources: Resources::Buf(buf),
-                fd,
-            },
-        );
+        self.push(entry, Slot::new(ctx, Resources::Buf(buf), fd));
     }
 
     /// Sends every byte of `batch` on a stream socket (short sends are resubmitted here).
@@ -376,28 +340,14 @@ impl<T> Ring<T> {
         batch.prepare(&mut self.pool);
         let entry =
             opcode::SendMsg::new(types::Fd(fd), &batch.msg).flags(libc::MSG_NOSIGNAL as u32);
-        self.push(
-            entry.build(),
-            Slot {
-                ctx,
-                resources: Resources::Batch(batch),
-                fd,
-            },
-        );
+        self.push(entry.build(), Slot::new(ctx, Resources::Batch(batch), fd));
     }
 
     /// Reads the 8-byte counter of an eventfd into `word`.
     pub fn read_word(&mut self, fd: RawFd, mut word: Box<u64>, ctx: T) {
         let address: *mut u64 = &mut *word;
         let entry = opcode::Read::new(types::Fd(fd), address.cast(), 8).build();
-        self.push(
-            entry,
-            Slot {
-                ctx,
-                resources: Resources::Word(word),
-                fd,
-            },
-        );
+        self.push(entry, Slot::new(ctx, Resources::Word(word), fd));
     }
 
     /// Completes with `-ETIME` after `duration`.
@@ -408,14 +358,7 @@ impl<T> Ring<T> {
                 .nsec(duration.subsec_nanos()),
         );
         let entry = opcode::Timeout::new(&*timespec).build();
-        self.push(
-            entry,
-            Slot {
-                ctx,
-                resources: Resources::Timer(timespec),
-                fd: -1,
-            },
-        );
+        self.push(entry, Slot::new(ctx, Resources::Timer(timespec), -1));
     }
 
     /// Cancels every in-flight operation on `fd` (best effort; each still completes).
