@@ -8,7 +8,7 @@ use crate::target::backend::{CacheMode, Source};
 /// Default in-flight requests per connection.
 pub const QUEUE_DEPTH_DEFAULT: u32 = 256;
 /// Default registered buffer pool per shard, in MiB.
-pub const BUFFER_MIB_DEFAULT: usize = 128;
+pub const BUFFER_MIB_DEFAULT: usize = 64;
 /// Default TCP port (IANA-assigned to NBD).
 pub const NBD_PORT: u16 = 10809;
 /// Bytes of each connection's receive buffer (headers, small payloads, handshake options).
