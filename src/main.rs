@@ -120,16 +120,16 @@ struct ServeArgs {
     /// Page-cache mode for file exports (every export). Default: direct.
     #[arg(long, value_enum)]
     cache: Option<CacheArg>,
-    /// Maximum in-flight requests per connection. Default: 256.
+    /// Maximum in-flight requests per connection.
     #[arg(long, value_name = "N")]
     queue_depth: Option<u32>,
-    /// Registered buffer pool per shard, in MiB (bounds the server's I/O memory). Default: 128.
+    /// Registered buffer pool per shard, in MiB (bounds the server's I/O memory).
     #[arg(long, value_name = "MIB")]
     buffer_mib: Option<usize>,
-    /// Maximum open client connections; more are closed at once. Default: 1024.
+    /// Maximum open client connections; more are closed at once.
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
-    /// Seconds a client may take to finish the handshake. Default: 30.
+    /// Seconds a client may take to finish the handshake.
     #[arg(long, value_name = "SECONDS")]
     handshake_timeout_seconds: Option<u64>,
     /// Serve Prometheus metrics on http://HOST:PORT/metrics.
@@ -206,8 +206,36 @@ fn usage(error: impl std::fmt::Display) -> Failure {
     Failure::Usage(anyhow::anyhow!("{error}"))
 }
 
+/// The command line, with the defaults of flags that the file may also set shown from the
+/// constants (those flags are `Option`s so that an absent flag leaves the file's value).
+fn command_line() -> clap::Command {
+    let defaults = [
+        ("queue_depth", config::QUEUE_DEPTH_DEFAULT.to_string()),
+        ("buffer_mib", config::BUFFER_MIB_DEFAULT.to_string()),
+        (
+            "max_connections",
+            config::MAX_CONNECTIONS_DEFAULT.to_string(),
+        ),
+        (
+            "handshake_timeout_seconds",
+            config::HANDSHAKE_TIMEOUT_SECONDS.to_string(),
+        ),
+    ];
+    <Cli as clap::CommandFactory>::command().mut_subcommand("serve", |mut serve| {
+        for (id, default) in defaults {
+            serve = serve.mut_arg(id, |arg| {
+                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+                arg.help(format!("{help} [default: {default}]"))
+            });
+        }
+        serve
+    })
+}
+
 fn main() {
-    let cli = Cli::parse();
+    let matches = command_line().get_matches();
+    let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches)
+        .unwrap_or_else(|error| error.exit());
     let result = match cli.command {
         Commands::Serve(args) => serve(*args),
         Commands::CheckConfig { file } => check_config(&file),
