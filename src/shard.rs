@@ -34,10 +34,11 @@ use crossbeam_channel::Receiver;
 use slab::Slab;
 
 use crate::config::{RECV_BUFFER_BYTES, RING_ENTRIES, SHUTDOWN_GRACE_SECONDS};
-use crate::faults::{Durable, FaultState};
+pub use crate::exports::Export;
+use crate::exports::Exports;
+use crate::faults::Durable;
 use crate::ring::{Buf, Completion, Ring, RingConfig, RingError, SendBatch};
 use crate::stats::{self, ShardStats, StatsHub};
-use crate::target::backend::FileBackend;
 use crate::target::codec::{self, Extent, ReplyHead, ReplyStyle};
 use crate::target::export::ExportInfo;
 use crate::target::fault::FaultOp;
@@ -52,24 +53,11 @@ const STATS_PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
 /// Largest chunk of the zero-writing fallback for WRITE_ZEROES.
 const ZERO_CHUNK_BYTES: usize = 1 << 20;
 
-/// An export with its backend, shared by all shards.
-#[derive(Debug)]
-pub struct Export {
-    /// What the protocol layer sees.
-    pub info: ExportInfo,
-    /// Where the bytes live.
-    pub backend: FileBackend,
-    /// Injected faults and power-loss simulation.
-    pub faults: FaultState,
-}
-
 /// State shared by the server and every shard.
 #[derive(Debug)]
 pub struct Shared {
-    /// Exports, indexed by `ExportInfo::id`.
-    pub exports: Vec<Export>,
-    /// The same exports as the handshake sees them.
-    pub infos: Vec<ExportInfo>,
+    /// Every export by id, and the list new clients may choose from.
+    pub exports: Exports,
     /// Set once on SIGTERM/SIGINT.
     pub stopping: AtomicBool,
     /// In-flight requests allowed per connection.
@@ -183,6 +171,8 @@ struct Conn {
     export: usize,
     /// Power epoch of the export when the handshake finished (power-loss simulation).
     epoch: u64,
+    /// The exports offered when this connection was accepted.
+    offered: Arc<Vec<ExportInfo>>,
 }
 
 /// What fault injection does with a request.
@@ -272,7 +262,6 @@ pub fn run(
         );
     }
     let exports = shared.exports.len();
-    let lenient = lenient_views(&shared.infos);
     let mut shard = Shard {
         index,
         ring,
@@ -288,7 +277,6 @@ pub fn run(
         generation: 0,
         stop_deadline: None,
         stats: ShardStats::new(exports),
-        lenient,
     };
     shard.ring.read_word(wake_fd, Box::new(0), Ctx::Wake);
     shard.ring.timeout(STATS_PUBLISH_INTERVAL, Ctx::StatsTimer);
@@ -310,8 +298,6 @@ struct Shard {
     generation: u64,
     stop_deadline: Option<Instant>,
     stats: ShardStats,
-    /// Exports as validation sees them: any alignment is served (see `lenient_views`).
-    lenient: Vec<ExportInfo>,
 }
 
 impl Shard {
@@ -429,6 +415,7 @@ impl Shard {
                 wait_buffers: false,
                 export: 0,
                 epoch: 0,
+                offered: self.shared.exports.visible(),
             });
             self.load.connections.fetch_add(1, Ordering::Relaxed);
             self.stats.accepted_total += 1;
@@ -519,11 +506,16 @@ impl Shard {
         let request_key = payload.request;
         self.requests[request_key].buf = Some(buf);
         if conn.closing || result <= 0 {
+            let already_closing = conn.closing;
             conn.payload = None;
             conn.ops -= 1;
             self.drop_request(request_key);
-            self.close(key, "connection lost during a write payload");
-            self.maybe_free(key);
+            // close() frees the connection when it is idle; never touch it after that.
+            if already_closing {
+                self.maybe_free(key);
+            } else {
+                self.close(key, "connection lost during a write payload");
+            }
             return;
         }
         payload.filled += result as usize;
@@ -609,7 +601,7 @@ impl Shard {
         let rbuf = conn.rbuf.as_ref().expect("receive buffer present");
         let input = &self.ring.pool().bytes(rbuf)[conn.rstart..conn.rend];
         let mut reply = Vec::new();
-        let (consumed, event) = handshake.advance(input, &self.shared.infos, &mut reply);
+        let (consumed, event) = handshake.advance(input, &conn.offered, &mut reply);
         assert!(consumed <= input.len());
         conn.rstart += consumed;
         if !reply.is_empty() {
@@ -621,12 +613,12 @@ impl Shard {
             Event::Done(session) => {
                 tracing::info!(
                     shard = self.index, peer = %conn.peer,
-                    export = %self.shared.infos[session.export_id].name,
+                    export = %self.shared.exports[session.export_id].info.name,
                     style = ?session.reply_style, "client connected"
                 );
                 conn.export = session.export_id;
                 conn.epoch = self.shared.exports[session.export_id].faults.epoch();
-                self.stats.exports[session.export_id].connections_total += 1;
+                self.stats.export_mut(session.export_id).connections_total += 1;
                 conn.phase = Phase::Transmission(session);
                 set_nodelay(&conn.socket);
                 Step::Progress
@@ -675,7 +667,7 @@ impl Shard {
             }
         };
         let export = &self.shared.exports[conn.export];
-        let verdict = validate::validate(&request, &self.lenient[export.info.id], session);
+        let verdict = validate::validate(&request, &export.lenient, session);
         let style = session.reply_style;
         match verdict {
             Verdict::Serve(Command::Disconnect) => {
@@ -1379,18 +1371,4 @@ fn set_nodelay(socket: &Socket) {
     if let Socket::Tcp(stream) = socket {
         let _ = stream.set_nodelay(true);
     }
-}
-
-/// The backend serves requests of any alignment (reads widen to the direct-I/O span, writes
-/// fall back to the buffered descriptor), so validation accepts a minimum block of 1 while
-/// the handshake keeps advertising the real direct-I/O minimum to clients that honour it.
-fn lenient_views(infos: &[ExportInfo]) -> Vec<ExportInfo> {
-    infos
-        .iter()
-        .map(|info| {
-            let mut lenient = info.clone();
-            lenient.block_size.minimum = 1;
-            lenient
-        })
-        .collect()
 }
