@@ -179,8 +179,7 @@ fn find<'a>(shared: &'a Shared, words: &[&str]) -> Result<&'a Export, String> {
     let name = if *name == "-" { "" } else { name };
     shared
         .exports
-        .iter()
-        .find(|export| export.info.name == name)
+        .find_visible(name)
         .ok_or_else(|| format!("no export named '{name}'"))
 }
 

@@ -30,6 +30,7 @@
 pub mod config;
 pub mod config_file;
 pub mod control;
+pub mod exports;
 pub mod faults;
 pub mod metrics;
 pub mod process;

@@ -366,7 +366,7 @@ fn host_warnings(settings: &Settings) -> Vec<String> {
 
 fn serve(args: ServeArgs) -> Result<(), Failure> {
     let faults = fault_settings(&args).map_err(usage)?;
-    let (settings, inherited) = settings_and_inherited_sockets(args)?;
+    let (settings, inherited, reloader) = settings_and_inherited_sockets(args)?;
     let identity = process::resolve_identity(settings.user.as_deref(), settings.group.as_deref())
         .map_err(usage)?;
     let config = &settings.config;
@@ -392,7 +392,16 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
     server.configure_faults(&faults)?;
     for signal in signals.forever() {
         match signal {
-            SIGHUP => tracing::info!("SIGHUP: export reload is not implemented yet; ignoring"),
+            SIGHUP => match reloader.config() {
+                Ok(config) => {
+                    if let Err(error) = server.reload(&config) {
+                        tracing::error!("SIGHUP: reload failed, keeping the exports: {error:#}");
+                    }
+                }
+                Err(error) => {
+                    tracing::error!("SIGHUP: bad configuration, keeping the exports: {error}")
+                }
+            },
             SIGUSR1 => server.cut_all(),
             _ => break,
         }
@@ -406,7 +415,29 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
 
 /// Takes inherited sockets (first: before anything opens a descriptor, they are fds 3, 4,
 /// ...), reads the configuration file, merges the flags, and starts logging.
-fn settings_and_inherited_sockets(args: ServeArgs) -> Result<(Settings, Vec<Listener>), Failure> {
+/// What SIGHUP needs to rebuild the export list: the same file and command line.
+struct Reloader {
+    file: Option<PathBuf>,
+    overrides: Overrides,
+    environment: Environment,
+}
+
+impl Reloader {
+    /// Re-reads the configuration file and resolves it with the original command line.
+    fn config(&self) -> Result<Config, String> {
+        let file = match &self.file {
+            Some(path) => Some(config_file::load(path).map_err(|error| error.to_string())?),
+            None => None,
+        };
+        config_file::resolve(file.as_ref(), &self.overrides, self.environment)
+            .map(|settings| settings.config)
+            .map_err(|error| error.to_string())
+    }
+}
+
+fn settings_and_inherited_sockets(
+    args: ServeArgs,
+) -> Result<(Settings, Vec<Listener>, Reloader), Failure> {
     let inherited = systemd::inherited_listeners()
         .map_err(|error| Failure::Runtime(anyhow::anyhow!("socket activation: {error}")))?;
     let file = match &args.config {
@@ -417,13 +448,19 @@ fn settings_and_inherited_sockets(args: ServeArgs) -> Result<(Settings, Vec<List
         cores: online_cores(),
         socket_activated: !inherited.is_empty(),
     };
-    let settings =
-        config_file::resolve(file.as_ref(), &overrides(args), environment).map_err(usage)?;
+    let config_path = args.config.clone();
+    let overrides = overrides(args);
+    let settings = config_file::resolve(file.as_ref(), &overrides, environment).map_err(usage)?;
+    let reloader = Reloader {
+        file: config_path,
+        overrides,
+        environment,
+    };
     init_logging(&settings.log_level, settings.log_format);
     for listener in &inherited {
         tracing::info!(listener = %listener.describe(), "listening (inherited)");
     }
-    Ok((settings, inherited))
+    Ok((settings, inherited, reloader))
 }
 
 /// Runs once the exports are open and the shards ready, before the first accept: writes the

@@ -34,7 +34,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use crossbeam_channel::Sender;
 
-use crate::config::{Config, Listen};
+use crate::config::{Config, ExportSpec, Listen};
+use crate::exports::Exports;
 use crate::metrics::{self, MetricsServer, ServerCounters};
 use crate::ring::sys;
 use crate::shard::{self, Export, NewConn, ShardLoad, Shared, Socket};
@@ -221,42 +222,51 @@ fn create_if_missing(path: &Path, bytes: u64) -> Result<bool> {
     }
 }
 
-/// Opens every export's backend and derives what the protocol layer advertises.
-pub fn open_exports(config: &Config) -> Result<Vec<Export>> {
-    let mut exports = Vec::new();
-    for (id, spec) in config.exports.iter().enumerate() {
-        if let (Source::Path(path), Some(bytes)) = (&spec.source, spec.create_bytes)
-            && create_if_missing(path, bytes)?
-        {
-            tracing::info!(export = %spec.name, path = %path.display(), bytes, "created a sparse file");
+/// Opens the exports of `config` into `registry`, reusing every export whose configuration
+/// is unchanged (same id, backend, faults and statistics); returns the ids, in config order,
+/// that new clients should see. Nothing becomes visible here: on error the caller keeps the
+/// old list (exports opened before the error stay unused in the registry).
+pub fn open_exports(config: &Config, registry: &Exports) -> Result<Vec<usize>> {
+    let mut ids = Vec::new();
+    for spec in &config.exports {
+        if let Some(existing) = registry.iter().find(|export| export.spec == *spec) {
+            ids.push(existing.info.id);
+            continue;
         }
-        let options = OpenOptions {
-            source: spec.source.clone(),
-            read_only: spec.read_only,
-            cache: spec.cache,
-        };
-        let backend = FileBackend::open(&options)
-            .with_context(|| format!("cannot open export '{}' ({:?})", spec.name, spec.source))?;
-        let info = ExportInfo {
-            id,
-            name: spec.name.clone(),
-            description: spec.description.clone(),
-            size: backend.size(),
-            read_only: spec.read_only,
-            caps: backend.capabilities(),
-            block_size: backend.block_size(),
-        };
-        tracing::info!(
-            export = %info.name, size = info.size, direct = backend.is_direct(),
-            min_block = info.block_size.minimum, read_only = info.read_only, "export ready"
-        );
-        exports.push(Export {
-            info,
-            backend,
-            faults: crate::faults::FaultState::none(),
-        });
+        ids.push(open_export(spec, registry)?);
     }
-    Ok(exports)
+    Ok(ids)
+}
+
+fn open_export(spec: &ExportSpec, registry: &Exports) -> Result<usize> {
+    if let (Source::Path(path), Some(bytes)) = (&spec.source, spec.create_bytes)
+        && create_if_missing(path, bytes)?
+    {
+        tracing::info!(export = %spec.name, path = %path.display(), bytes, "created a sparse file");
+    }
+    let options = OpenOptions {
+        source: spec.source.clone(),
+        read_only: spec.read_only,
+        cache: spec.cache,
+    };
+    let backend = FileBackend::open(&options)
+        .with_context(|| format!("cannot open export '{}' ({:?})", spec.name, spec.source))?;
+    let info = ExportInfo {
+        id: registry.next_id(),
+        name: spec.name.clone(),
+        description: spec.description.clone(),
+        size: backend.size(),
+        read_only: spec.read_only,
+        caps: backend.capabilities(),
+        block_size: backend.block_size(),
+    };
+    tracing::info!(
+        export = %info.name, size = info.size, direct = backend.is_direct(),
+        min_block = info.block_size.minimum, read_only = info.read_only, "export ready"
+    );
+    registry
+        .add(Export::new(info, backend, spec.clone()))
+        .map_err(anyhow::Error::msg)
 }
 
 struct ShardThread {
@@ -324,6 +334,7 @@ pub struct Server {
     counters: Arc<AcceptCounters>,
     max_connections: usize,
     metrics: Option<MetricsServer>,
+    faults: crate::faults::FaultSettings,
 }
 
 impl std::fmt::Debug for Server {
@@ -346,15 +357,15 @@ pub fn start_with(
     listeners: Vec<Listener>,
     before_accept: impl FnOnce() -> Result<()>,
 ) -> Result<Server> {
-    let exports = open_exports(config)?;
-    let infos = exports.iter().map(|export| export.info.clone()).collect();
+    let exports = Exports::default();
+    let visible = open_exports(config, &exports)?;
+    exports.set_visible(&visible);
     let shared = Arc::new(Shared {
         exports,
-        infos,
         stopping: Default::default(),
         queue_depth: config.queue_depth,
         pool_bytes: config.buffer_mib << 20,
-        stats: crate::stats::StatsHub::new(config.shards, config.exports.len()),
+        stats: crate::stats::StatsHub::new(config.shards, visible.len()),
         handshake_timeout: Duration::from_secs(config.handshake_timeout_seconds),
     });
     let shards = spawn_shards(config, &shared)?;
@@ -403,6 +414,7 @@ pub fn start_with(
         counters,
         max_connections: config.max_connections,
         metrics: None,
+        faults: Default::default(),
     })
 }
 
@@ -500,7 +512,8 @@ impl RefusedLog {
 impl Server {
     /// Applies command-line fault settings to every export and opens the control socket.
     pub fn configure_faults(&mut self, settings: &crate::faults::FaultSettings) -> Result<()> {
-        for export in &self.shared.exports {
+        self.faults = settings.clone();
+        for export in self.shared.exports.iter() {
             export
                 .faults
                 .reseed(settings.seed, settings.rules.clone())
@@ -526,6 +539,41 @@ impl Server {
         Ok(())
     }
 
+    /// Reloads the export list (SIGHUP): exports new in `config` are opened and offered to
+    /// new clients, exports no longer in it stop being offered while running connections
+    /// continue, unchanged exports keep everything. All or nothing: if an export cannot be
+    /// opened, the previous list stays in force.
+    pub fn reload(&mut self, config: &Config) -> Result<()> {
+        let exports = &self.shared.exports;
+        let before: Vec<usize> = exports.visible().iter().map(|info| info.id).collect();
+        let first_new = exports.next_id();
+        let ids = open_exports(config, exports)?;
+        for id in first_new..exports.next_id() {
+            let faults = &exports[id].faults;
+            faults
+                .reseed(self.faults.seed, self.faults.rules.clone())
+                .map_err(anyhow::Error::msg)?;
+            if let Some(power) = self.faults.power_loss {
+                faults
+                    .enable_power_loss(power)
+                    .map_err(anyhow::Error::msg)?;
+            }
+        }
+        exports.set_visible(&ids);
+        let added: Vec<&str> = ids
+            .iter()
+            .filter(|id| !before.contains(id))
+            .map(|&id| exports[id].info.name.as_str())
+            .collect();
+        let removed: Vec<&str> = before
+            .iter()
+            .filter(|id| !ids.contains(id))
+            .map(|&id| exports[id].info.name.as_str())
+            .collect();
+        tracing::info!(?added, ?removed, exports = ids.len(), "exports reloaded");
+        Ok(())
+    }
+
     /// Simulates a power cut on every export with power-loss simulation (SIGUSR1).
     pub fn cut_all(&self) {
         crate::control::cut_all(&self.shared);
@@ -541,7 +589,10 @@ impl Server {
                 connections_refused_total: counters.refused_total.load(Ordering::Relaxed),
                 connections_max: max_connections,
             };
-            metrics::render(&shared.stats.snapshot(), &shared.infos, &server)
+            let infos = shared.exports.infos();
+            let mut snapshot = shared.stats.snapshot();
+            snapshot.ensure(infos.len());
+            metrics::render(&snapshot, &infos, &server)
         };
         let endpoint = metrics::spawn(listener, render).context("cannot start metrics")?;
         self.metrics = Some(endpoint);
@@ -569,7 +620,7 @@ impl Server {
             let _ = std::fs::remove_file(path);
         }
         let mut result = Ok(());
-        for export in &self.shared.exports {
+        for export in self.shared.exports.iter() {
             if !export.info.read_only
                 && let Err(error) = export.backend.sync()
             {

@@ -149,7 +149,22 @@ impl ShardStats {
         }
     }
 
-    /// Records one completed request. No allocation, no lock.
+    /// The stats of export `id`, growing the table when a reload added exports (allocation
+    /// happens once per new export, when its first client connects).
+    pub fn export_mut(&mut self, id: usize) -> &mut ExportStats {
+        self.ensure(id + 1);
+        &mut self.exports[id]
+    }
+
+    /// Makes room for `exports` exports.
+    pub fn ensure(&mut self, exports: usize) {
+        while self.exports.len() < exports {
+            self.exports.push(ExportStats::new());
+        }
+    }
+
+    /// Records one completed request. No allocation, no lock (the export's entry exists
+    /// since its connection's handshake).
     pub fn record(&mut self, export: usize, op: Op, bytes: u64, latency_ns: u64, error: bool) {
         let stats = &mut self.exports[export].ops[op.index()];
         stats.requests += 1;
@@ -162,7 +177,7 @@ impl ShardStats {
 
     /// Adds `other` into `self` (same export count).
     pub fn merge(&mut self, other: &ShardStats) {
-        assert_eq!(self.exports.len(), other.exports.len());
+        self.ensure(other.exports.len());
         for (mine, theirs) in self.exports.iter_mut().zip(&other.exports) {
             for (a, b) in mine.ops.iter_mut().zip(&theirs.ops) {
                 a.add(b);
@@ -176,6 +191,7 @@ impl ShardStats {
     }
 
     fn copy_from(&mut self, other: &ShardStats) {
+        self.ensure(other.exports.len());
         for (mine, theirs) in self.exports.iter_mut().zip(&other.exports) {
             for (a, b) in mine.ops.iter_mut().zip(&theirs.ops) {
                 a.requests = b.requests;
@@ -221,7 +237,8 @@ impl StatsHub {
         slot.copy_from(stats);
     }
 
-    /// The sum over all shards, as last published.
+    /// The sum over all shards, as last published (at least as many exports as at startup;
+    /// pad with [`ShardStats::ensure`] to the registry's size).
     pub fn snapshot(&self) -> ShardStats {
         let mut total = ShardStats::new(self.exports);
         for shard in &self.shards {

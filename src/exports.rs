@@ -1,0 +1,158 @@
+//! The export registry: every export the server ever opened, by stable id, and the list a new
+//! client may choose from.
+//!
+//! # Reload contract
+//!
+//! Ids index an append-only table of at most [`EXPORTS_MAX`] slots, so a shard's
+//! `exports[id]` stays valid for the life of the process. A reload (SIGHUP) publishes a new
+//! *visible* list: exports it adds appear to new clients, exports it drops stop being offered
+//! (NBD_OPT_LIST, INFO/GO answer ERR_UNKNOWN) while connections already using them go on.
+//! An export whose configuration did not change keeps its id, backend and statistics.
+//! Each connection snapshots the visible list when it is accepted (one read lock per
+//! connection, none per request).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+use crate::config::ExportSpec;
+use crate::faults::FaultState;
+use crate::target::backend::FileBackend;
+use crate::target::export::ExportInfo;
+
+/// Most exports one server process can ever open (reloads included).
+pub const EXPORTS_MAX: usize = 1024;
+
+/// An export with its backend, shared by all shards.
+#[derive(Debug)]
+pub struct Export {
+    /// What the protocol layer sees (`info.id` is this export's registry id).
+    pub info: ExportInfo,
+    /// The same, as validation sees it: any alignment is served (reads widen to the
+    /// direct-I/O span, writes fall back to the buffered descriptor), so the minimum block is
+    /// 1 here while the handshake keeps advertising the real direct-I/O minimum.
+    pub lenient: ExportInfo,
+    /// Where the bytes live.
+    pub backend: FileBackend,
+    /// Injected faults and power-loss simulation.
+    pub faults: FaultState,
+    /// The configuration it was opened from (a reload reuses the export when it is equal).
+    pub spec: ExportSpec,
+}
+
+impl Export {
+    /// Builds an export; `info.id` must be the id the registry will give it.
+    pub fn new(info: ExportInfo, backend: FileBackend, spec: ExportSpec) -> Export {
+        let mut lenient = info.clone();
+        lenient.block_size.minimum = 1;
+        Export {
+            info,
+            lenient,
+            backend,
+            faults: FaultState::none(),
+            spec,
+        }
+    }
+}
+
+/// Every export by id, and the currently visible list.
+#[derive(Debug)]
+pub struct Exports {
+    slots: Box<[OnceLock<Export>]>,
+    count: AtomicUsize,
+    adding: Mutex<()>,
+    visible: RwLock<Arc<Vec<ExportInfo>>>,
+}
+
+impl Default for Exports {
+    fn default() -> Self {
+        Exports {
+            slots: (0..EXPORTS_MAX).map(|_| OnceLock::new()).collect(),
+            count: AtomicUsize::new(0),
+            adding: Mutex::new(()),
+            visible: RwLock::new(Arc::new(Vec::new())),
+        }
+    }
+}
+
+impl std::ops::Index<usize> for Exports {
+    type Output = Export;
+
+    fn index(&self, id: usize) -> &Export {
+        self.slots[id]
+            .get()
+            .expect("export id was handed out by this registry")
+    }
+}
+
+impl Exports {
+    /// The id the next added export gets.
+    pub fn next_id(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// Adds an export (its `info.id` must be [`Exports::next_id`]); returns its id.
+    pub fn add(&self, export: Export) -> Result<usize, String> {
+        let _guard = self
+            .adding
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let id = self.count.load(Ordering::Acquire);
+        if id >= EXPORTS_MAX {
+            return Err(format!(
+                "more than {EXPORTS_MAX} exports opened in this process"
+            ));
+        }
+        assert_eq!(export.info.id, id, "export built for another id");
+        assert!(self.slots[id].set(export).is_ok(), "slot {id} filled twice");
+        self.count.store(id + 1, Ordering::Release);
+        Ok(id)
+    }
+
+    /// Number of exports ever added.
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// Whether none was added.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every export ever added, by id.
+    pub fn iter(&self) -> impl Iterator<Item = &Export> {
+        self.slots[..self.len()].iter().filter_map(OnceLock::get)
+    }
+
+    /// Every export's info, by id (for metrics).
+    pub fn infos(&self) -> Vec<ExportInfo> {
+        self.iter().map(|export| export.info.clone()).collect()
+    }
+
+    /// The exports a new client may choose from.
+    pub fn visible(&self) -> Arc<Vec<ExportInfo>> {
+        self.visible
+            .read()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .clone()
+    }
+
+    /// Whether `id` is offered to new clients.
+    pub fn is_visible(&self, id: usize) -> bool {
+        self.visible().iter().any(|info| info.id == id)
+    }
+
+    /// Publishes the list new clients see.
+    pub fn set_visible(&self, ids: &[usize]) {
+        let infos = ids.iter().map(|&id| self[id].info.clone()).collect();
+        *self
+            .visible
+            .write()
+            .unwrap_or_else(|poison| poison.into_inner()) = Arc::new(infos);
+    }
+
+    /// The visible export named `name`, if any.
+    pub fn find_visible(&self, name: &str) -> Option<&Export> {
+        let id = self.visible().iter().find(|info| info.name == name)?.id;
+        Some(&self[id])
+    }
+}
