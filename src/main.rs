@@ -233,6 +233,7 @@ fn command_line() -> clap::Command {
 }
 
 fn main() {
+    abort_on_panic();
     let matches = command_line().get_matches();
     let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches)
         .unwrap_or_else(|error| error.exit());
@@ -415,6 +416,18 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
 
 /// Takes inherited sockets (first: before anything opens a descriptor, they are fds 3, 4,
 /// ...), reads the configuration file, merges the flags, and starts logging.
+/// A panic is a broken invariant (assertion tier): a shard that died would leave a server
+/// that silently drops its share of clients, so the whole process stops and its supervisor
+/// restarts it. The message and backtrace are printed first.
+fn abort_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        eprintln!("ringbd: internal error; aborting so that a supervisor can restart the server");
+        std::process::abort();
+    }));
+}
+
 /// What SIGHUP needs to rebuild the export list: the same file and command line.
 struct Reloader {
     file: Option<PathBuf>,
