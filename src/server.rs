@@ -260,6 +260,8 @@ fn open_export(spec: &ExportSpec, registry: &Exports) -> Result<usize> {
         caps: backend.capabilities(),
         block_size: backend.block_size(),
     };
+    info.check()
+        .map_err(|error| anyhow::anyhow!("export '{}' cannot be served: {error}", spec.name))?;
     tracing::info!(
         export = %info.name, size = info.size, direct = backend.is_direct(),
         min_block = info.block_size.minimum, read_only = info.read_only, "export ready"

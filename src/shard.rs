@@ -46,6 +46,9 @@ use crate::target::handshake::{Event, Handshake, HandshakeConfig, Session};
 use crate::target::proto::{self, NbdErrno};
 use crate::target::validate::{self, Command, Verdict};
 
+// Every handshake option the protocol engine buffers must fit a connection's receive buffer.
+const _: () = assert!(RECV_BUFFER_BYTES >= crate::target::handshake::HANDSHAKE_INPUT_BYTES_MAX);
+
 /// Completions handled per tick.
 const COMPLETIONS_PER_TICK_MAX: usize = 512;
 /// How often a shard copies its statistics to the shared hub.
@@ -1126,6 +1129,14 @@ impl Shard {
         let outcome = match (request.op, result) {
             (Op::Read | Op::Write, bytes) if bytes > 0 => {
                 request.done += bytes as u64;
+                let size = self.shared.exports[self.conns[conn_key].export].info.size;
+                if request.op == Op::Read && request.file_offset + request.done >= size {
+                    // A span widened for O_DIRECT past the end of an odd-sized file.
+                    let (done, span) = (request.done as usize, request.span);
+                    let buf = request.buf.as_ref().expect("read buffer");
+                    self.ring.pool_mut().bytes_mut(buf)[done..span].fill(0);
+                    request.done = span as u64;
+                }
                 if request.done < request.span as u64 {
                     self.submit_io(request_key);
                     return;

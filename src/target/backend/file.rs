@@ -136,9 +136,13 @@ impl FileBackend {
     }
 
     /// Block sizes to advertise: minimum = the direct-I/O alignment.
+    /// A file whose size is not a multiple of the alignment advertises minimum 1 (its last
+    /// block cannot be addressed in aligned units); it is still served, widened reads past
+    /// the end read as zeroes.
     pub fn block_size(&self) -> BlockSize {
+        let aligned = self.size.is_multiple_of(u64::from(self.alignment));
         BlockSize {
-            minimum: self.alignment,
+            minimum: if aligned { self.alignment } else { 1 },
             preferred: PREFERRED_BLOCK_BYTES.max(self.alignment),
             maximum: proto::PAYLOAD_BYTES_MAX as u32,
         }
