@@ -25,6 +25,7 @@
 //! one export) to check the *tests* before blaming the server. CI never sets it.
 #![allow(dead_code)]
 
+pub mod fsstack;
 pub mod raw;
 
 use std::fs::{self, File};
