@@ -53,8 +53,16 @@ impl Stack {
 
     /// Attaches `file` to a free loop device.
     pub fn losetup(&mut self, file: &Path) -> String {
+        self.losetup_with(file, &[])
+    }
+
+    /// Like [`Stack::losetup`], with extra losetup options (e.g. `--direct-io=on`).
+    pub fn losetup_with(&mut self, file: &Path, options: &[&str]) -> String {
         let out = run(
-            Command::new("losetup").args(["-f", "--show"]).arg(file),
+            Command::new("losetup")
+                .args(["-f", "--show"])
+                .args(options)
+                .arg(file),
             TIMEOUT,
         )
         .ok();
