@@ -43,6 +43,21 @@ pub struct ExportSpec {
     pub cache: CacheMode,
     /// Create the file with this many bytes (sparse) if it does not exist (file exports only).
     pub create_bytes: Option<u64>,
+    /// Fault injection and power-loss simulation (docs/FAULTS.md).
+    pub faults: ExportFaults,
+}
+
+/// Fault settings of one export, from `[[export]]` keys and the `--fault*` flags.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ExportFaults {
+    /// Rules in the grammar of `target::fault` (already checked).
+    pub rules: Vec<String>,
+    /// Seed of the export's fault generator.
+    pub seed: Option<u64>,
+    /// Power-loss simulation mode.
+    pub power_loss: Option<crate::target::volatile::CutMode>,
+    /// Bound of the unflushed-write log, MiB.
+    pub power_loss_max_mib: Option<u64>,
 }
 
 impl ExportSpec {
@@ -61,6 +76,7 @@ impl ExportSpec {
             read_only,
             cache,
             create_bytes: None,
+            faults: ExportFaults::default(),
         })
     }
 }

@@ -137,6 +137,58 @@ pub struct ExportTable {
     /// Size of the sparse file to create when `path` does not exist.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<Spanned<Size>>,
+    /// Fault rules (docs/FAULTS.md), e.g. `["error:write:errno=EIO,p=0.01"]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub faults: Option<Vec<FaultRule>>,
+    /// Seed of the export's fault generator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault_seed: Option<u64>,
+    /// Power-loss simulation: `"drop"` or `"torn"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_loss: Option<PowerLossSetting>,
+    /// Bound of the unflushed-write log, MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_loss_max_mib: Option<u64>,
+}
+
+/// A checked fault rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct FaultRule(pub String);
+
+impl<'de> Deserialize<'de> for FaultRule {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let check = |text: &str| crate::target::fault::Rule::parse(text).map(drop);
+        checked_string(deserializer, check, FaultRule)
+    }
+}
+
+/// `power_loss = "drop" | "torn"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PowerLossSetting {
+    /// Every unflushed write is lost.
+    Drop,
+    /// A seeded subset of unflushed sectors survives.
+    Torn,
+}
+
+impl From<PowerLossSetting> for crate::target::volatile::CutMode {
+    fn from(setting: PowerLossSetting) -> Self {
+        match setting {
+            PowerLossSetting::Drop => crate::target::volatile::CutMode::Drop,
+            PowerLossSetting::Torn => crate::target::volatile::CutMode::Torn,
+        }
+    }
+}
+
+impl From<crate::target::volatile::CutMode> for PowerLossSetting {
+    fn from(mode: crate::target::volatile::CutMode) -> Self {
+        match mode {
+            crate::target::volatile::CutMode::Drop => PowerLossSetting::Drop,
+            crate::target::volatile::CutMode::Torn => PowerLossSetting::Torn,
+        }
+    }
 }
 
 /// A checked `HOST:PORT`.
@@ -683,6 +735,17 @@ fn export_from_table(
         read_only,
         cache,
         create_bytes,
+        faults: config::ExportFaults {
+            rules: table
+                .faults
+                .iter()
+                .flatten()
+                .map(|rule| rule.0.clone())
+                .collect(),
+            seed: table.fault_seed,
+            power_loss: table.power_loss.map(Into::into),
+            power_loss_max_mib: table.power_loss_max_mib,
+        },
     })
 }
 
@@ -761,6 +824,11 @@ fn export_table(spec: &ExportSpec) -> ExportTable {
         size: spec
             .create_bytes
             .map(|bytes| Spanned::new(0..0, Size(bytes))),
+        faults: (!spec.faults.rules.is_empty())
+            .then(|| spec.faults.rules.iter().cloned().map(FaultRule).collect()),
+        fault_seed: spec.faults.seed,
+        power_loss: spec.faults.power_loss.map(Into::into),
+        power_loss_max_mib: spec.faults.power_loss_max_mib,
     }
 }
 

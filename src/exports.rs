@@ -15,9 +15,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use crate::config::ExportSpec;
-use crate::faults::FaultState;
+use crate::faults::{FaultState, PowerLossConfig, UNDO_BYTES_MAX_DEFAULT};
 use crate::target::backend::FileBackend;
 use crate::target::export::ExportInfo;
+use crate::target::fault::Rule;
 
 /// Most exports one server process can ever open (reloads included).
 pub const EXPORTS_MAX: usize = 1024;
@@ -40,17 +41,37 @@ pub struct Export {
 }
 
 impl Export {
-    /// Builds an export; `info.id` must be the id the registry will give it.
-    pub fn new(info: ExportInfo, backend: FileBackend, spec: ExportSpec) -> Export {
+    /// Builds an export, with the fault settings of its spec; `info.id` must be the id the
+    /// registry will give it.
+    pub fn new(info: ExportInfo, backend: FileBackend, spec: ExportSpec) -> Result<Export, String> {
         let mut lenient = info.clone();
         lenient.block_size.minimum = 1;
-        Export {
+        let rules = spec
+            .faults
+            .rules
+            .iter()
+            .map(|rule| Rule::parse(rule))
+            .collect::<Result<Vec<_>, _>>()?;
+        let power = spec.faults.power_loss.map(|mode| PowerLossConfig {
+            mode,
+            undo_bytes_max: spec
+                .faults
+                .power_loss_max_mib
+                .map_or(UNDO_BYTES_MAX_DEFAULT, |mib| mib.saturating_mul(1 << 20)),
+        });
+        let faults = FaultState::new(rules, spec.faults.seed.unwrap_or(0), power)?;
+        if !spec.faults.rules.is_empty() || power.is_some() {
+            tracing::warn!(export = %info.name, rules = ?spec.faults.rules,
+                seed = spec.faults.seed.unwrap_or(0), power_loss = ?spec.faults.power_loss,
+                "fault injection is ON");
+        }
+        Ok(Export {
             info,
             lenient,
             backend,
-            faults: FaultState::none(),
+            faults,
             spec,
-        }
+        })
     }
 }
 

@@ -27,15 +27,9 @@ pub const CUT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default bound of the undo log, in bytes.
 pub const UNDO_BYTES_MAX_DEFAULT: u64 = 256 << 20;
 
-/// Fault settings from the command line, applied to every export.
+/// Server-wide fault settings (per-export ones live in each export's spec).
 #[derive(Debug, Clone, Default)]
 pub struct FaultSettings {
-    /// Rules.
-    pub rules: Vec<Rule>,
-    /// Seed of the generator.
-    pub seed: u64,
-    /// Power-loss simulation, if on.
-    pub power_loss: Option<PowerLossConfig>,
     /// Control socket path.
     pub control: Option<std::path::PathBuf>,
 }

@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use ringbd::config::{self, Config};
 use ringbd::config_file::{self, Environment, Overrides, Settings};
-use ringbd::faults::{FaultSettings, PowerLossConfig};
+use ringbd::faults::FaultSettings;
 use ringbd::process::{self, PidFile};
 use ringbd::ring::sys;
 use ringbd::server::Listener;
@@ -151,21 +151,22 @@ struct ServeArgs {
     /// Log format. Default: text.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
-    /// Inject a fault into every export (repeatable): `error:OP[:PARAMS]` or `delay:OP:PARAMS`,
-    /// e.g. `error:write:errno=EIO,p=0.01` or `delay:read:min=1,max=20` (see docs/FAULTS.md).
+    /// Inject a fault (repeatable): `[EXPORT@]error:OP[:PARAMS]` or `[EXPORT@]delay:OP:PARAMS`,
+    /// e.g. `error:write:errno=EIO,p=0.01` or `vm1@delay:read:min=1,max=20`; without EXPORT@
+    /// it applies to every export (see docs/FAULTS.md). Added to the config file's rules.
     #[arg(long = "fault", value_name = "RULE")]
     faults: Vec<String>,
     /// Seed of the fault generator (decisions are reproducible for the same seed and workload).
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    fault_seed: u64,
+    #[arg(long, value_name = "N")]
+    fault_seed: Option<u64>,
     /// Simulate a volatile write cache: a power cut (control socket `cut`, or SIGUSR1) loses
     /// every write not yet flushed (`drop`) or a seeded subset of its sectors (`torn`).
     #[arg(long, value_name = "MODE")]
     power_loss: Option<String>,
     /// Bound of the unflushed-write log per export, in MiB (beyond it the "device" writes its
     /// cache back on its own, as real disks may).
-    #[arg(long, value_name = "MIB", default_value_t = 256)]
-    power_loss_max_mib: u64,
+    #[arg(long, value_name = "MIB")]
+    power_loss_max_mib: Option<u64>,
     /// Control socket for faults and power cuts at run time (see docs/FAULTS.md).
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
@@ -276,26 +277,61 @@ fn online_cores() -> usize {
         .unwrap_or(1)
 }
 
-/// Fault-injection flags, checked before anything starts.
-fn fault_settings(args: &ServeArgs) -> Result<FaultSettings, String> {
-    let rules = args
-        .faults
-        .iter()
-        .map(|rule| Rule::parse(rule))
-        .collect::<Result<Vec<_>, _>>()?;
-    let power_loss = match &args.power_loss {
-        Some(mode) => Some(PowerLossConfig {
-            mode: CutMode::parse(mode)?,
-            undo_bytes_max: args.power_loss_max_mib.saturating_mul(1 << 20),
-        }),
-        None => None,
-    };
-    Ok(FaultSettings {
-        rules,
-        seed: args.fault_seed,
-        power_loss,
-        control: args.control.clone(),
-    })
+/// The `--fault*` flags, checked before anything starts and merged into every export's
+/// spec (at startup and again on SIGHUP): flags override the config file key by key, and
+/// `--fault` rules are added to the file's.
+#[derive(Debug, Clone, Default)]
+struct CliFaults {
+    rules: Vec<(Option<String>, String)>,
+    seed: Option<u64>,
+    power_loss: Option<CutMode>,
+    power_loss_max_mib: Option<u64>,
+}
+
+impl CliFaults {
+    fn parse(args: &ServeArgs) -> Result<CliFaults, String> {
+        let mut rules = Vec::new();
+        for text in &args.faults {
+            let (export, rule) = match text.split_once('@') {
+                Some((export, rule)) if !export.contains(':') => (Some(export.to_string()), rule),
+                _ => (None, text.as_str()),
+            };
+            Rule::parse(rule).map_err(|error| format!("--fault {text}: {error}"))?;
+            rules.push((export, rule.to_string()));
+        }
+        let power_loss = args.power_loss.as_deref().map(CutMode::parse).transpose()?;
+        Ok(CliFaults {
+            rules,
+            seed: args.fault_seed,
+            power_loss,
+            power_loss_max_mib: args.power_loss_max_mib,
+        })
+    }
+
+    fn apply(&self, config: &mut Config) -> Result<(), String> {
+        for (export, _) in &self.rules {
+            if let Some(name) = export
+                && !config.exports.iter().any(|spec| spec.name == *name)
+            {
+                return Err(format!(
+                    "--fault names export '{name}', which is not configured"
+                ));
+            }
+        }
+        for spec in &mut config.exports {
+            let faults = &mut spec.faults;
+            faults.rules.extend(
+                self.rules
+                    .iter()
+                    .filter(|(export, _)| export.as_deref().is_none_or(|name| name == spec.name))
+                    .map(|(_, rule)| rule.clone()),
+            );
+            faults.seed = self.seed.or(faults.seed);
+            faults.power_loss = self.power_loss.or(faults.power_loss);
+            faults.power_loss_max_mib = self.power_loss_max_mib.or(faults.power_loss_max_mib);
+        }
+        Ok(())
+    }
 }
 
 fn overrides(args: ServeArgs) -> Overrides {
@@ -366,8 +402,12 @@ fn host_warnings(settings: &Settings) -> Vec<String> {
 }
 
 fn serve(args: ServeArgs) -> Result<(), Failure> {
-    let faults = fault_settings(&args).map_err(usage)?;
-    let (settings, inherited, reloader) = settings_and_inherited_sockets(args)?;
+    let faults = FaultSettings {
+        control: args.control.clone(),
+    };
+    let cli_faults = CliFaults::parse(&args).map_err(usage)?;
+    let (mut settings, inherited, reloader) = settings_and_inherited_sockets(args, cli_faults)?;
+    reloader.faults.apply(&mut settings.config).map_err(usage)?;
     let identity = process::resolve_identity(settings.user.as_deref(), settings.group.as_deref())
         .map_err(usage)?;
     let config = &settings.config;
@@ -433,6 +473,7 @@ struct Reloader {
     file: Option<PathBuf>,
     overrides: Overrides,
     environment: Environment,
+    faults: CliFaults,
 }
 
 impl Reloader {
@@ -442,14 +483,17 @@ impl Reloader {
             Some(path) => Some(config_file::load(path).map_err(|error| error.to_string())?),
             None => None,
         };
-        config_file::resolve(file.as_ref(), &self.overrides, self.environment)
+        let mut config = config_file::resolve(file.as_ref(), &self.overrides, self.environment)
             .map(|settings| settings.config)
-            .map_err(|error| error.to_string())
+            .map_err(|error| error.to_string())?;
+        self.faults.apply(&mut config)?;
+        Ok(config)
     }
 }
 
 fn settings_and_inherited_sockets(
     args: ServeArgs,
+    faults: CliFaults,
 ) -> Result<(Settings, Vec<Listener>, Reloader), Failure> {
     let inherited = systemd::inherited_listeners()
         .map_err(|error| Failure::Runtime(anyhow::anyhow!("socket activation: {error}")))?;
@@ -468,6 +512,7 @@ fn settings_and_inherited_sockets(
         file: config_path,
         overrides,
         environment,
+        faults,
     };
     init_logging(&settings.log_level, settings.log_format);
     for listener in &inherited {

@@ -266,9 +266,8 @@ fn open_export(spec: &ExportSpec, registry: &Exports) -> Result<usize> {
         export = %info.name, size = info.size, direct = backend.is_direct(),
         min_block = info.block_size.minimum, read_only = info.read_only, "export ready"
     );
-    registry
-        .add(Export::new(info, backend, spec.clone()))
-        .map_err(anyhow::Error::msg)
+    let export = Export::new(info, backend, spec.clone()).map_err(anyhow::Error::msg)?;
+    registry.add(export).map_err(anyhow::Error::msg)
 }
 
 struct ShardThread {
@@ -336,7 +335,6 @@ pub struct Server {
     counters: Arc<AcceptCounters>,
     max_connections: usize,
     metrics: Option<MetricsServer>,
-    faults: crate::faults::FaultSettings,
 }
 
 impl std::fmt::Debug for Server {
@@ -416,7 +414,6 @@ pub fn start_with(
         counters,
         max_connections: config.max_connections,
         metrics: None,
-        faults: Default::default(),
     })
 }
 
@@ -512,27 +509,8 @@ impl RefusedLog {
 }
 
 impl Server {
-    /// Applies command-line fault settings to every export and opens the control socket.
+    /// Opens the control socket (fault rules reach exports through their specs).
     pub fn configure_faults(&mut self, settings: &crate::faults::FaultSettings) -> Result<()> {
-        self.faults = settings.clone();
-        for export in self.shared.exports.iter() {
-            export
-                .faults
-                .reseed(settings.seed, settings.rules.clone())
-                .map_err(anyhow::Error::msg)?;
-            if let Some(power) = settings.power_loss {
-                export
-                    .faults
-                    .enable_power_loss(power)
-                    .map_err(anyhow::Error::msg)?;
-            }
-        }
-        if !settings.rules.is_empty() || settings.power_loss.is_some() {
-            tracing::warn!(
-                rules = settings.rules.len(), seed = settings.seed,
-                power_loss = ?settings.power_loss.map(|p| p.mode), "fault injection is ON"
-            );
-        }
         if let Some(path) = &settings.control {
             crate::control::spawn(path, self.shared.clone())
                 .with_context(|| format!("cannot open the control socket {}", path.display()))?;
@@ -548,19 +526,7 @@ impl Server {
     pub fn reload(&mut self, config: &Config) -> Result<()> {
         let exports = &self.shared.exports;
         let before: Vec<usize> = exports.visible().iter().map(|info| info.id).collect();
-        let first_new = exports.next_id();
         let ids = open_exports(config, exports)?;
-        for id in first_new..exports.next_id() {
-            let faults = &exports[id].faults;
-            faults
-                .reseed(self.faults.seed, self.faults.rules.clone())
-                .map_err(anyhow::Error::msg)?;
-            if let Some(power) = self.faults.power_loss {
-                faults
-                    .enable_power_loss(power)
-                    .map_err(anyhow::Error::msg)?;
-            }
-        }
         exports.set_visible(&ids);
         let added: Vec<&str> = ids
             .iter()

@@ -97,3 +97,35 @@ fn torn_power_cuts_are_sector_atomic_and_replayable_from_the_seed() {
     assert_eq!(outcome("1234"), first, "the same seed tears the same way");
     assert_ne!(outcome("99"), first, "another seed tears another way");
 }
+
+#[test]
+fn faults_are_set_per_export_from_the_config_file_and_the_command_line() {
+    if !require_python_nbd() {
+        return;
+    }
+    let dir = tempdir();
+    let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    sparse_file(&a, 16 << 20);
+    sparse_file(&b, 16 << 20);
+    let config = dir.path().join("ringbd.toml");
+    let text = format!(
+        "[[export]]\nname = \"a\"\npath = {:?}\nfaults = [\"error:write:errno=ENOSPC\"]\n\
+         fault_seed = 77\n[[export]]\nname = \"b\"\npath = {:?}\n",
+        a.to_str().unwrap(),
+        b.to_str().unwrap()
+    );
+    std::fs::write(&config, text).unwrap();
+    let control = dir.path().join("control.sock");
+    let mut server = ServerSpec::default()
+        .options(&[
+            "--config",
+            config.to_str().unwrap(),
+            "--control",
+            control.to_str().unwrap(),
+            "--fault",
+            "b@error:read:errno=EIO",
+        ])
+        .start();
+    assert!(run("per-export", &server, &control, &[]).contains("per-export ok"));
+    server.assert_running();
+}

@@ -6,6 +6,7 @@ Usage: faults.py MODE SOCKET CONTROL [SEED]
   delay   a delayed read does not hold back a later one on the same connection
   power   --power-loss drop: flushed and FUA writes survive a cut, unflushed ones do not
   torn    --power-loss torn: prints which of 64 unflushed sectors survived a cut with SEED
+  per-export  rules from the config file ([[export]] faults) and from --fault EXPORT@RULE
 """
 
 import socket
@@ -116,6 +117,17 @@ def power(sock, ctl):
     print("power ok")
 
 
+def per_export(sock, ctl):
+    """Export a has a config-file rule (writes: ENOSPC), export b a CLI b@ rule (reads: EIO)."""
+    a, b = connect(sock, export="a"), connect(sock, export="b")
+    expect_errno("write on a", "ENOSPC", a.pwrite, b"a" * 4096, 0)
+    assert a.pread(4096, 0) == b"\0" * 4096, "reads on a are not affected"
+    b.pwrite(b"b" * 4096, 0)
+    expect_errno("read on b", "EIO", b.pread, 4096, 0)
+    assert "seed=77" in control(ctl, "show a"), "the config file's seed"
+    print("per-export ok")
+
+
 def torn(sock, ctl, seed):
     h = connect(sock)
     h.pwrite(b"\x11" * (64 * SECTOR), 0)
@@ -137,4 +149,5 @@ if __name__ == "__main__":
     if mode == "torn":
         torn(sock, ctl, int(sys.argv[4]))
     else:
-        {"errors": errors, "delay": delay, "power": power}[mode](sock, ctl)
+        modes = {"errors": errors, "delay": delay, "power": power, "per-export": per_export}
+        modes[mode](sock, ctl)
