@@ -109,7 +109,10 @@ fn fio_randwrite_with_crc32c_verify_on_two_connections() {
         let job = dir.path().join(name);
         fs::write(&job, fio_job_file(&uri, verify_only)).unwrap();
         // fio leaves verify state files in its working directory: keep them in the tempdir.
-        let out = run(Command::new("fio").arg(&job).current_dir(dir.path()), TIMEOUT);
+        let out = run(
+            Command::new("fio").arg(&job).current_dir(dir.path()),
+            TIMEOUT,
+        );
         assert!(out.status.success(), "fio {name}: {out}");
         assert!(
             !out.stdout.contains("verify: bad"),
