@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::fsstack::{Stack, fsck_clean};
+use common::fsstack::{Stack, fsck_clean, verify_checksums};
 use common::*;
 
 const IMAGE_BYTES: u64 = 128 << 20;
@@ -74,20 +74,6 @@ fn unflushed_files(root: &Path, cycle: usize) {
         }
         run(&mut dd, TIMEOUT).ok();
     }
-}
-
-fn verify(root: &Path, manifest: &str) {
-    let out = run_with_stdin(
-        Command::new("sha256sum")
-            .args(["--check", "--strict", "-"])
-            .current_dir(root),
-        Some(manifest.as_bytes()),
-        TIMEOUT,
-    );
-    assert!(
-        out.status.success(),
-        "an fsynced file did not survive the power cut: {out}"
-    );
 }
 
 #[test]
@@ -159,7 +145,7 @@ fn ext4_survives_power_cuts_with_every_fsynced_file_intact() {
         let file = stack.nbdfuse(&fuse, server.socket(), IMAGE_BYTES);
         let device = stack.losetup_with(&file, DIRECT);
         stack.mount(&device, &mnt);
-        verify(&mnt, &manifests);
+        verify_checksums(&mnt, &manifests, "the power cut");
         stack.umount();
         fsck_clean(&device);
         stack.teardown().expect("clean teardown after recovery");

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::fsstack::{Stack, fsck_clean};
+use common::fsstack::{Stack, fsck_clean, verify_checksums};
 use common::*;
 
 const MIB: u64 = 1 << 20;
@@ -39,20 +39,6 @@ fn populate(root: &Path) -> String {
         TIMEOUT,
     )
     .ok()
-}
-
-fn verify(root: &Path, manifest: &str) {
-    let out = run_with_stdin(
-        Command::new("sha256sum")
-            .args(["--check", "--strict", "-"])
-            .current_dir(root),
-        Some(manifest.as_bytes()),
-        TIMEOUT,
-    );
-    assert!(
-        out.status.success(),
-        "checksums differ after remount: {out}"
-    );
 }
 
 #[test]
@@ -90,7 +76,7 @@ fn ext4_on_nbdfuse_loop_device_survives_remount_and_restart() {
         stack.umount();
         fsck_clean(&device);
         stack.mount(&device, &mnt);
-        verify(&mnt, &manifest);
+        verify_checksums(&mnt, &manifest, "remount");
         stack.teardown().expect("clean teardown");
         manifest
     };
@@ -107,7 +93,7 @@ fn ext4_on_nbdfuse_loop_device_survives_remount_and_restart() {
     fsck_clean(&device);
     let mnt = dir.path().join("mnt");
     stack.mount(&device, &mnt);
-    verify(&mnt, &manifest);
+    verify_checksums(&mnt, &manifest, "remount");
     stack.teardown().expect("clean teardown");
 }
 

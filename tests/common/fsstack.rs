@@ -147,3 +147,16 @@ pub fn fsck_clean(device: &str) {
     let out = run(Command::new("e2fsck").args(["-f", "-n", device]), TIMEOUT);
     assert!(out.status.success(), "e2fsck -fn is not clean: {out}");
 }
+
+/// Every file of a `sha256sum` manifest (paths relative to `root`) must still match; `after`
+/// says what they had to survive, for the failure message.
+pub fn verify_checksums(root: &Path, manifest: &str, after: &str) {
+    let out = super::run_with_stdin(
+        Command::new("sha256sum")
+            .args(["--check", "--strict", "-"])
+            .current_dir(root),
+        Some(manifest.as_bytes()),
+        TIMEOUT,
+    );
+    assert!(out.status.success(), "files did not survive {after}: {out}");
+}
