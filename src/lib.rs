@@ -14,7 +14,8 @@
 //!
 //! * [`target`] is the NBD protocol: pure functions and state machines over bytes (sans-I/O),
 //!   plus the export and backend descriptions. It never touches io_uring.
-//! * [`ring`] is the only module allowed `unsafe`: the io_uring wrapper, the registered
+//! * [`ring`] is the only module allowed raw syscalls and pointers (a crate-wide lint in
+//!   Cargo.toml denies them; only `ring` lifts it): the io_uring wrapper, the registered
 //!   buffer pool and the typed `user_data` keyspace. It knows nothing about NBD.
 //! * [`shard`] drives a ring with the protocol engine; [`server`] owns listeners, the
 //!   acceptor and the shard threads.
@@ -22,9 +23,8 @@
 //!   [`metrics`] renders the statistics for Prometheus; [`systemd`] takes socket-activated
 //!   listeners and reports readiness; [`process`] writes the PID file and drops privileges.
 //!
-//! See `docs/ARCHITECTURE.md` for the request flow and `docs/INVARIANTS.md` for every
-//! `unsafe` contract.
-#![deny(unsafe_code)]
+//! See `docs/ARCHITECTURE.md` for the request flow and `docs/INVARIANTS.md` for the
+//! invariant behind every raw-pointer block.
 #![warn(missing_docs, missing_debug_implementations)]
 
 pub mod config;
@@ -34,7 +34,6 @@ pub mod exports;
 pub mod faults;
 pub mod metrics;
 pub mod process;
-#[allow(unsafe_code)]
 pub mod ring;
 pub mod server;
 pub mod shard;

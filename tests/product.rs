@@ -2,6 +2,7 @@
 //! descriptions, read-only exports, `--create`, listeners (unix mode, several TCP
 //! addresses, systemd socket activation and readiness), the connection limit, the handshake
 //! timeout, the PID file, the identity switch, exit codes and `/metrics` after a fio run.
+#![allow(unsafe_code)] // direct libc calls (signals, descriptors), each commented
 
 mod common;
 

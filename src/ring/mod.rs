@@ -18,6 +18,7 @@
 //! Short sends are resubmitted here until the whole batch is sent or an error occurs.
 //! Short file reads/writes are reported to the caller, who resubmits the remainder.
 
+#![allow(unsafe_code)]
 #![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
 pub mod buf;

@@ -23,6 +23,7 @@
 //!
 //! `RINGBD_TEST_SERVER=nbdkit` runs the same tests against `nbdkit` (memory and file plugins,
 //! one export) to check the *tests* before blaming the server. CI never sets it.
+#![allow(unsafe_code)] // direct libc calls (signals, descriptors), each commented
 #![allow(dead_code)]
 
 pub mod fsstack;

@@ -8,6 +8,7 @@
 //!   test fail with `WouldBlock`/`TimedOut` instead of hanging the suite.
 //! * Replies are bounded: an option reply or chunk longer than [`REPLY_BYTES_MAX`] is a test
 //!   failure, never an allocation of whatever the server claims.
+#![allow(unsafe_code)] // direct libc calls (signals, descriptors), each commented
 #![allow(dead_code)]
 
 use std::collections::HashMap;
