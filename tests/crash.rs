@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::fsstack::{Stack, fsck_clean, verify_checksums};
+use common::fsstack::{Stack, fsck_clean, require_fs_stack, verify_checksums};
 use common::*;
 
 const IMAGE_BYTES: u64 = 128 << 20;
@@ -78,16 +78,7 @@ fn unflushed_files(root: &Path, cycle: usize) {
 
 #[test]
 fn ext4_survives_power_cuts_with_every_fsynced_file_intact() {
-    let tools = [
-        "nbdfuse",
-        "fusermount3",
-        "losetup",
-        "mkfs.ext4",
-        "e2fsck",
-        "mount",
-        "umount",
-    ];
-    if !(require_root() && require_fuse() && require_loop() && require_tools(&tools)) {
+    if !require_fs_stack() {
         return;
     }
     let torn_seeds: u64 = std::env::var("RINGBD_CRASH_SEEDS")

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::fsstack::{Stack, fsck_clean, verify_checksums};
+use common::fsstack::{Stack, fsck_clean, require_fs_stack, verify_checksums};
 use common::*;
 
 const MIB: u64 = 1 << 20;
@@ -43,16 +43,7 @@ fn populate(root: &Path) -> String {
 
 #[test]
 fn ext4_on_nbdfuse_loop_device_survives_remount_and_restart() {
-    let tools = [
-        "nbdfuse",
-        "fusermount3",
-        "losetup",
-        "mkfs.ext4",
-        "e2fsck",
-        "mount",
-        "umount",
-    ];
-    if !(require_root() && require_fuse() && require_loop() && require_tools(&tools)) {
+    if !require_fs_stack() {
         return;
     }
     let dir = tempdir();

@@ -160,3 +160,21 @@ pub fn verify_checksums(root: &Path, manifest: &str, after: &str) {
     );
     assert!(out.status.success(), "files did not survive {after}: {out}");
 }
+
+/// Gates a filesystem test on root, /dev/fuse, loop devices and the tools the stack runs
+/// (a failure under `RINGBD_STRICT_TESTS=1`, a printed skip otherwise).
+pub fn require_fs_stack() -> bool {
+    let tools = [
+        "nbdfuse",
+        "fusermount3",
+        "losetup",
+        "mkfs.ext4",
+        "e2fsck",
+        "mount",
+        "umount",
+    ];
+    super::require_root()
+        && super::require_fuse()
+        && super::require_loop()
+        && super::require_tools(&tools)
+}
