@@ -53,6 +53,12 @@ HANDSHAKES = {
     "shutdown_then_abort": handshake(0xFF, FIXED, opt(LIST), opt(GO, info("disk")), opt(ABORT)),
     "info_bad_name_length": handshake(
         7, FIXED, opt(INFO, struct.pack(">I", 100) + b"ro\0\0"), opt(EXPORT_NAME, b"ro")),
+    # Low seed byte 0xFE: forced TLS; 0xFD: selective TLS with a restrictive gate.
+    "forced_tls_refusals": handshake(
+        0xFE, FIXED, opt(LIST), opt(GO, info("disk")), opt(STARTTLS, b"x"), opt(STARTTLS)),
+    "selective_tls_gate": handshake(
+        0xFD, FIXED, opt(LIST), opt(INFO, info("disk")), opt(GO, info("ro")), opt(SR),
+        opt(LIST_META, meta("disk")), opt(GO, info("")), opt(STARTTLS)),
 }
 
 REQUEST, EXTENDED_REQUEST = 0x25609513, 0x21E41C71

@@ -626,6 +626,12 @@ impl Shard {
                 set_nodelay(&conn.socket);
                 Step::Progress
             }
+            Event::StartTls => {
+                // The listener never offers TLS without a TLS context (wired in later).
+                conn.stop_reading = true;
+                conn.close_when_idle = true;
+                Step::Blocked
+            }
             Event::Close(reason) => {
                 tracing::debug!(shard = self.index, peer = %conn.peer, reason, "handshake ended");
                 conn.stop_reading = true;

@@ -47,10 +47,10 @@ use crate::target::proto::{
     NBD_INFO_EXPORT, NBD_INFO_NAME, NBD_OPT_ABORT, NBD_OPT_EXPORT_NAME, NBD_OPT_EXTENDED_HEADERS,
     NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_LIST, NBD_OPT_LIST_META_CONTEXT, NBD_OPT_SET_META_CONTEXT,
     NBD_OPT_STARTTLS, NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK, NBD_REP_ERR_EXT_HEADER_REQD,
-    NBD_REP_ERR_INVALID, NBD_REP_ERR_POLICY, NBD_REP_ERR_SHUTDOWN, NBD_REP_ERR_TOO_BIG,
-    NBD_REP_ERR_UNKNOWN, NBD_REP_ERR_UNSUP, NBD_REP_INFO, NBD_REP_MAGIC, NBD_REP_META_CONTEXT,
-    NBD_REP_SERVER, NBDMAGIC, OPTION_BYTES_MAX, OPTION_HEADER_BYTES, OPTION_REPLY_HEADER_BYTES,
-    OPTIONS_COUNT_MAX,
+    NBD_REP_ERR_INVALID, NBD_REP_ERR_POLICY, NBD_REP_ERR_SHUTDOWN, NBD_REP_ERR_TLS_REQD,
+    NBD_REP_ERR_TOO_BIG, NBD_REP_ERR_UNKNOWN, NBD_REP_ERR_UNSUP, NBD_REP_INFO, NBD_REP_MAGIC,
+    NBD_REP_META_CONTEXT, NBD_REP_SERVER, NBDMAGIC, OPTION_BYTES_MAX, OPTION_HEADER_BYTES,
+    OPTION_REPLY_HEADER_BYTES, OPTIONS_COUNT_MAX,
 };
 
 /// Receive buffer the caller needs during the handshake: one option header plus the largest
@@ -71,13 +71,53 @@ const _: () = assert!(BASE_ALLOCATION_CONTEXT_ID != LIST_META_CONTEXT_ID);
 const _: () = assert!(CLIENT_FLAGS_BYTES == 4);
 const _: () = assert!(HANDSHAKE_INPUT_BYTES_MAX == 64 * 1024);
 
-/// TLS policy of the listener. Only NOTLS exists for now: `NBD_OPT_STARTTLS` is answered
-/// `NBD_REP_ERR_POLICY`.
+/// TLS policy of the listener (the spec's three modes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum TlsPolicy {
-    /// NOTLS mode.
+    /// NOTLS: `NBD_OPT_STARTTLS` is answered `NBD_REP_ERR_POLICY`.
     #[default]
     Off,
+    /// SELECTIVETLS: STARTTLS is offered; exports the [`Gate`] marks TLS-only need it.
+    On,
+    /// FORCEDTLS: every option but STARTTLS and ABORT is answered `NBD_REP_ERR_TLS_REQD`
+    /// until TLS is up; `NBD_OPT_EXPORT_NAME` before it closes the connection.
+    Require,
+}
+
+/// Whether this client may use one export: decided by the caller (access rules, TLS state).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Listed and usable.
+    Allowed,
+    /// Hidden from LIST; INFO/GO answer `NBD_REP_ERR_TLS_REQD` (the client is not on TLS).
+    TlsRequired,
+    /// Hidden from LIST; INFO/GO answer `NBD_REP_ERR_POLICY` with this reason.
+    Forbidden(&'static str),
+}
+
+/// The caller's admission decisions, asked during negotiation (sans-I/O: the handshake never
+/// looks at addresses, certificates or counters itself).
+pub trait Gate {
+    /// May this client see and use `export`? `tls` is true once STARTTLS has completed.
+    fn access(&self, export: &ExportInfo, tls: bool) -> Access;
+    /// The client chose `export` (GO or EXPORT_NAME) and may use it: take a connection slot.
+    /// An error (for example a full per-export connection limit) refuses the GO with
+    /// `NBD_REP_ERR_POLICY` and this reason. A successful claim is followed by `Done`.
+    fn claim(&mut self, export: &ExportInfo) -> Result<(), &'static str>;
+}
+
+/// A gate that admits everyone to everything (tests, fuzzing, the default listener).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenGate;
+
+impl Gate for OpenGate {
+    fn access(&self, _export: &ExportInfo, _tls: bool) -> Access {
+        Access::Allowed
+    }
+
+    fn claim(&mut self, _export: &ExportInfo) -> Result<(), &'static str> {
+        Ok(())
+    }
 }
 
 /// Per-listener handshake settings.
@@ -109,6 +149,10 @@ pub enum Event {
     Done(Session),
     /// Flush `out`, then close the connection; the reason is for logs.
     Close(&'static str),
+    /// `NBD_OPT_STARTTLS` was accepted: flush `out` (the ACK, in plaintext), then run a TLS
+    /// server handshake on the connection. The bytes of `input` beyond the consumed count are
+    /// TLS records; once TLS is up, call `advance` again with the decrypted bytes.
+    StartTls,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,6 +207,8 @@ pub struct Handshake {
     /// `ExportInfo::id` of the export whose `base:allocation` context is selected.
     meta_export_id: Option<usize>,
     options_count: u32,
+    /// STARTTLS succeeded: everything since is encrypted.
+    tls: bool,
 }
 
 impl Handshake {
@@ -177,6 +223,7 @@ impl Handshake {
             shutting_down: false,
             meta_export_id: None,
             options_count: 0,
+            tls: false,
         }
     }
 
@@ -206,6 +253,21 @@ impl Handshake {
         exports: &[ExportInfo],
         out: &mut Vec<u8>,
     ) -> (usize, Event) {
+        self.advance_gated(input, exports, &mut OpenGate, out)
+    }
+
+    /// [`Handshake::advance`] with the caller's admission decisions.
+    ///
+    /// # Panics
+    ///
+    /// If called after `Done` or `Close` was returned.
+    pub fn advance_gated(
+        &mut self,
+        input: &[u8],
+        exports: &[ExportInfo],
+        gate: &mut dyn Gate,
+        out: &mut Vec<u8>,
+    ) -> (usize, Event) {
         assert!(
             self.phase != Phase::Finished,
             "Handshake::advance after Done or Close"
@@ -215,18 +277,50 @@ impl Handshake {
             let rest = &input[consumed..];
             let step = match self.phase {
                 Phase::ClientFlags => self.client_flags(rest),
-                Phase::Options => self.option(rest, exports, out),
+                Phase::Options => self.option(rest, exports, gate, out),
                 Phase::Skipping { .. } => self.skip(rest, out),
                 Phase::Finished => unreachable!("checked above"),
             };
             assert!(step.consumed <= rest.len(), "consumed more than the input");
             consumed += step.consumed;
             if let Some(event) = step.event {
-                if event != Event::NeedMore {
+                if !matches!(event, Event::NeedMore | Event::StartTls) {
                     self.phase = Phase::Finished;
                 }
                 return (consumed, event);
             }
+        }
+    }
+
+    /// FORCEDTLS and TLS is not up yet.
+    fn tls_missing(&self) -> bool {
+        self.config.tls == TlsPolicy::Require && !self.tls
+    }
+
+    /// The spec: state negotiated before STARTTLS MUST be dropped (structured replies,
+    /// extended headers, meta contexts); options are counted across it.
+    fn start_tls(&mut self) {
+        self.tls = true;
+        self.structured = false;
+        self.extended = false;
+        self.meta_export_id = None;
+    }
+
+    /// The export named `name` as this client may see it: `Err` holds the option reply and
+    /// message for an unknown, TLS-only or forbidden export.
+    fn lookup<'a>(
+        &self,
+        exports: &'a [ExportInfo],
+        gate: &dyn Gate,
+        name: &[u8],
+    ) -> Result<&'a ExportInfo, (u32, &'static str)> {
+        let Some(export) = find_export(exports, name) else {
+            return Err((NBD_REP_ERR_UNKNOWN, "unknown export"));
+        };
+        match gate.access(export, self.tls) {
+            Access::Allowed => Ok(export),
+            Access::TlsRequired => Err((NBD_REP_ERR_TLS_REQD, "export requires TLS")),
+            Access::Forbidden(reason) => Err((NBD_REP_ERR_POLICY, reason)),
         }
     }
 
@@ -259,7 +353,13 @@ impl Handshake {
     }
 
     /// Parses one option header and dispatches on the option.
-    fn option(&mut self, input: &[u8], exports: &[ExportInfo], out: &mut Vec<u8>) -> Step {
+    fn option(
+        &mut self,
+        input: &[u8],
+        exports: &[ExportInfo],
+        gate: &mut dyn Gate,
+        out: &mut Vec<u8>,
+    ) -> Step {
         if input.len() < OPTION_HEADER_BYTES {
             return Step::stop(0, Event::NeedMore);
         }
@@ -287,12 +387,22 @@ impl Handshake {
             _ if self.shutting_down => {
                 self.skip_then_reply(option, length, NBD_REP_ERR_SHUTDOWN, "server shutting down")
             }
+            NBD_OPT_EXPORT_NAME if self.tls_missing() => Step::stop(
+                0,
+                Event::Close("NBD_OPT_EXPORT_NAME before the required TLS"),
+            ),
+            NBD_OPT_STARTTLS => self.unparsed_option(option, length, exports, gate, out),
+            _ if self.tls_missing() => {
+                self.skip_then_reply(option, length, NBD_REP_ERR_TLS_REQD, "TLS is required")
+            }
             NBD_OPT_EXPORT_NAME
             | NBD_OPT_INFO
             | NBD_OPT_GO
             | NBD_OPT_LIST_META_CONTEXT
-            | NBD_OPT_SET_META_CONTEXT => self.parsed_option(input, option, length, exports, out),
-            _ => self.unparsed_option(option, length, exports, out),
+            | NBD_OPT_SET_META_CONTEXT => {
+                self.parsed_option(input, option, length, exports, gate, out)
+            }
+            _ => self.unparsed_option(option, length, exports, gate, out),
         }
     }
 
@@ -303,6 +413,7 @@ impl Handshake {
         option: u32,
         length: u32,
         exports: &[ExportInfo],
+        gate: &mut dyn Gate,
         out: &mut Vec<u8>,
     ) -> Step {
         let has_data = length > 0;
@@ -317,12 +428,19 @@ impl Handshake {
             }
             NBD_OPT_LIST => {
                 self.options_count += 1;
-                self.list(exports, out);
+                self.list(exports, gate, out);
                 return Step::next(OPTION_HEADER_BYTES);
             }
-            NBD_OPT_STARTTLS => match self.config.tls {
-                TlsPolicy::Off => (NBD_REP_ERR_POLICY, "TLS is not enabled on this server"),
-            },
+            NBD_OPT_STARTTLS if self.config.tls == TlsPolicy::Off => {
+                (NBD_REP_ERR_POLICY, "TLS is not enabled on this server")
+            }
+            NBD_OPT_STARTTLS if self.tls => (NBD_REP_ERR_INVALID, "TLS already negotiated"),
+            NBD_OPT_STARTTLS => {
+                self.options_count += 1;
+                write_reply(out, option, NBD_REP_ACK, &[]);
+                self.start_tls();
+                return Step::stop(OPTION_HEADER_BYTES, Event::StartTls);
+            }
             NBD_OPT_STRUCTURED_REPLY if self.extended => (
                 NBD_REP_ERR_EXT_HEADER_REQD,
                 "extended headers already negotiated",
@@ -398,6 +516,7 @@ impl Handshake {
         option: u32,
         length: u32,
         exports: &[ExportInfo],
+        gate: &mut dyn Gate,
         out: &mut Vec<u8>,
     ) -> Step {
         let length = length as usize;
@@ -425,10 +544,10 @@ impl Handshake {
         self.options_count += 1;
         let payload = &input[OPTION_HEADER_BYTES..end];
         let event = match option {
-            NBD_OPT_EXPORT_NAME => Some(self.export_name(payload, exports, out)),
-            NBD_OPT_INFO | NBD_OPT_GO => self.info_or_go(option, payload, exports, out),
+            NBD_OPT_EXPORT_NAME => Some(self.export_name(payload, exports, gate, out)),
+            NBD_OPT_INFO | NBD_OPT_GO => self.info_or_go(option, payload, exports, gate, out),
             _ => {
-                self.meta_context(option, payload, exports, out);
+                self.meta_context(option, payload, exports, gate, out);
                 None
             }
         };
@@ -438,8 +557,13 @@ impl Handshake {
         }
     }
 
-    fn list(&self, exports: &[ExportInfo], out: &mut Vec<u8>) {
-        for export in exports {
+    /// Lists the exports this client may use (TLS-only ones are hidden from plaintext
+    /// clients, forbidden ones from everyone).
+    fn list(&self, exports: &[ExportInfo], gate: &dyn Gate, out: &mut Vec<u8>) {
+        let visible = exports
+            .iter()
+            .filter(|export| gate.access(export, self.tls) == Access::Allowed);
+        for export in visible {
             assert!(export.name.len() <= NAME_BYTES_MAX, "export name too long");
             let name_bytes = u32::try_from(export.name.len()).expect("name fits u32");
             let description = wire_string(&export.description);
@@ -472,10 +596,23 @@ impl Handshake {
     }
 
     /// `NBD_OPT_EXPORT_NAME`: the whole payload is the name; no error reply is possible.
-    fn export_name(&self, name: &[u8], exports: &[ExportInfo], out: &mut Vec<u8>) -> Event {
-        let Some(export) = find_export(exports, name) else {
-            return Event::Close("NBD_OPT_EXPORT_NAME for an unknown export");
+    fn export_name(
+        &self,
+        name: &[u8],
+        exports: &[ExportInfo],
+        gate: &mut dyn Gate,
+        out: &mut Vec<u8>,
+    ) -> Event {
+        let export = match self.lookup(exports, gate, name) {
+            Ok(export) => export,
+            Err((NBD_REP_ERR_UNKNOWN, _)) => {
+                return Event::Close("NBD_OPT_EXPORT_NAME for an unknown export");
+            }
+            Err(_) => return Event::Close("NBD_OPT_EXPORT_NAME for an export it may not use"),
         };
+        if let Err(reason) = gate.claim(export) {
+            return Event::Close(reason);
+        }
         let session = self.session(export);
         out.extend_from_slice(&export.size.to_be_bytes());
         out.extend_from_slice(&session.transmission_flags.to_be_bytes());
@@ -491,6 +628,7 @@ impl Handshake {
         option: u32,
         payload: &[u8],
         exports: &[ExportInfo],
+        gate: &mut dyn Gate,
         out: &mut Vec<u8>,
     ) -> Option<Event> {
         let Some(request) = parse_info_request(payload) else {
@@ -498,10 +636,19 @@ impl Handshake {
             write_reply(out, option, NBD_REP_ERR_INVALID, &[message.as_bytes()]);
             return None;
         };
-        let Some(export) = find_export(exports, request.name) else {
-            write_reply(out, option, NBD_REP_ERR_UNKNOWN, &[b"unknown export"]);
-            return None;
+        let export = match self.lookup(exports, gate, request.name) {
+            Ok(export) => export,
+            Err((reply, message)) => {
+                write_reply(out, option, reply, &[message.as_bytes()]);
+                return None;
+            }
         };
+        if option == NBD_OPT_GO
+            && let Err(reason) = gate.claim(export)
+        {
+            write_reply(out, option, NBD_REP_ERR_POLICY, &[reason.as_bytes()]);
+            return None;
+        }
         let session = self.session(export);
         let block = &export.block_size;
         write_reply(
@@ -551,6 +698,7 @@ impl Handshake {
         option: u32,
         payload: &[u8],
         exports: &[ExportInfo],
+        gate: &dyn Gate,
         out: &mut Vec<u8>,
     ) {
         if !self.structured && !self.extended {
@@ -565,9 +713,12 @@ impl Handshake {
                 return;
             }
         };
-        let Some(export) = find_export(exports, request.name) else {
-            write_reply(out, option, NBD_REP_ERR_UNKNOWN, &[b"unknown export"]);
-            return;
+        let export = match self.lookup(exports, gate, request.name) {
+            Ok(export) => export,
+            Err((reply, message)) => {
+                write_reply(out, option, reply, &[message.as_bytes()]);
+                return;
+            }
         };
         if request.base_allocation && export.caps.block_status {
             let id = if option == NBD_OPT_SET_META_CONTEXT {
@@ -708,7 +859,7 @@ fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
 /// The fuzz harness for the handshake, in the library so that `fuzz/` and the seed-replay
 /// test run exactly the same invariant checks.
 pub mod harness {
-    use super::{Event, Handshake, HandshakeConfig, Session};
+    use super::{Access, Event, Gate, Handshake, HandshakeConfig, Session, TlsPolicy};
     use crate::target::codec::ReplyStyle;
     use crate::target::export::{BlockSize, Capabilities, ExportInfo};
     use crate::target::proto::{
@@ -786,21 +937,60 @@ pub mod harness {
 
     /// Split seeds whose low byte is this run the handshake in shutdown mode.
     const SHUTDOWN_SEED_BYTE: u64 = 0xff;
+    /// Low bytes selecting forced TLS, and selective TLS with a restrictive gate.
+    const FORCED_TLS_SEED_BYTE: u64 = 0xfe;
+    const SELECTIVE_TLS_SEED_BYTE: u64 = 0xfd;
 
-    fn new_handshake(split_seed: u64) -> Handshake {
-        let mut handshake = Handshake::new(HandshakeConfig::default());
+    /// The gate of selective-TLS runs: "disk" is TLS-only, "ro" forbidden, one claim allowed.
+    #[derive(Debug)]
+    pub struct HarnessGate {
+        restrictive: bool,
+        claims: u32,
+    }
+
+    impl Gate for HarnessGate {
+        fn access(&self, export: &ExportInfo, tls: bool) -> Access {
+            match export.id {
+                _ if !self.restrictive => Access::Allowed,
+                0 if !tls => Access::TlsRequired,
+                1 => Access::Forbidden("forbidden by the harness"),
+                _ => Access::Allowed,
+            }
+        }
+
+        fn claim(&mut self, _export: &ExportInfo) -> Result<(), &'static str> {
+            if self.restrictive && self.claims > 0 {
+                return Err("claim budget spent");
+            }
+            self.claims += 1;
+            Ok(())
+        }
+    }
+
+    fn new_handshake(split_seed: u64) -> (Handshake, HarnessGate) {
+        let tls = match split_seed & 0xff {
+            FORCED_TLS_SEED_BYTE => TlsPolicy::Require,
+            SELECTIVE_TLS_SEED_BYTE => TlsPolicy::On,
+            _ => TlsPolicy::Off,
+        };
+        let mut handshake = Handshake::new(HandshakeConfig { tls });
         if split_seed & 0xff == SHUTDOWN_SEED_BYTE {
             handshake.begin_shutdown();
         }
-        handshake
+        let gate = HarnessGate {
+            restrictive: tls == TlsPolicy::On,
+            claims: 0,
+        };
+        (handshake, gate)
     }
 
     /// Feeds `input` in chunks whose sizes come from `split_seed` (whose low byte 0xff also
-    /// selects shutdown mode); returns the output, the final event and the bytes consumed.
-    /// Asserts the per-call invariants.
+    /// selects shutdown mode, 0xfe forced TLS, 0xfd selective TLS with a restrictive gate);
+    /// returns the output, the first event other than `NeedMore` and the bytes consumed up
+    /// to it. Asserts the per-call invariants.
     pub fn run_chunked(input: &[u8], split_seed: u64) -> (Vec<u8>, Event, usize) {
         let exports = exports();
-        let mut handshake = new_handshake(split_seed);
+        let (mut handshake, mut gate) = new_handshake(split_seed);
         let mut out = Vec::new();
         handshake.greeting(&mut out);
         assert_eq!(out.len(), GREETING_BYTES);
@@ -813,7 +1003,8 @@ pub mod harness {
             seed ^= seed << 17;
             fed = (fed + (seed % 64) as usize).min(input.len());
             let before = out.len();
-            let (used, event) = handshake.advance(&input[consumed..fed], &exports, &mut out);
+            let chunk = &input[consumed..fed];
+            let (used, event) = handshake.advance_gated(chunk, &exports, &mut gate, &mut out);
             assert!(used <= fed - consumed, "consumed more than fed");
             assert!(out.len() - before <= OUTPUT_BYTES_MAX, "unbounded output");
             consumed += used;
@@ -839,15 +1030,21 @@ pub mod harness {
         check_output(&out[GREETING_BYTES..], &event);
         if let Event::Done(session) = &event {
             check_session(session);
+            // No TLS ever comes up here: the gate's decisions must hold.
+            match seed & 0xff {
+                FORCED_TLS_SEED_BYTE => panic!("a session without the required TLS"),
+                SELECTIVE_TLS_SEED_BYTE => assert_eq!(session.export_id, 2, "gate bypassed"),
+                _ => {}
+            }
         }
     }
 
     fn run_whole(input: &[u8], split_seed: u64) -> (Vec<u8>, Event, usize) {
         let exports = exports();
-        let mut handshake = new_handshake(split_seed);
+        let (mut handshake, mut gate) = new_handshake(split_seed);
         let mut out = Vec::new();
         handshake.greeting(&mut out);
-        let (consumed, event) = handshake.advance(input, &exports, &mut out);
+        let (consumed, event) = handshake.advance_gated(input, &exports, &mut gate, &mut out);
         assert!(consumed <= input.len());
         (out, event, consumed)
     }
@@ -1281,6 +1478,263 @@ mod tests {
         ));
         assert_eq!(out, expected);
         assert_eq!(event, Event::NeedMore);
+    }
+
+    /// A gate with fixed per-export decisions and a claim budget.
+    struct TestGate {
+        tls_only: Vec<usize>,
+        forbidden: Vec<usize>,
+        claims_left: u32,
+        claimed: Vec<usize>,
+    }
+
+    impl TestGate {
+        fn new() -> TestGate {
+            TestGate {
+                tls_only: Vec::new(),
+                forbidden: Vec::new(),
+                claims_left: u32::MAX,
+                claimed: Vec::new(),
+            }
+        }
+    }
+
+    impl Gate for TestGate {
+        fn access(&self, export: &ExportInfo, tls: bool) -> Access {
+            if self.forbidden.contains(&export.id) {
+                Access::Forbidden("not for you")
+            } else if self.tls_only.contains(&export.id) && !tls {
+                Access::TlsRequired
+            } else {
+                Access::Allowed
+            }
+        }
+
+        fn claim(&mut self, export: &ExportInfo) -> Result<(), &'static str> {
+            if self.claims_left == 0 {
+                return Err("export connection limit reached");
+            }
+            self.claims_left -= 1;
+            self.claimed.push(export.id);
+            Ok(())
+        }
+    }
+
+    /// Runs `input` with a TLS policy and gate; returns (output, consumed, event).
+    fn run_gated(tls: TlsPolicy, gate: &mut TestGate, input: &[u8]) -> (Vec<u8>, usize, Event) {
+        let mut handshake = Handshake::new(HandshakeConfig { tls });
+        let mut out = Vec::new();
+        let (consumed, event) = handshake.advance_gated(input, &exports(), gate, &mut out);
+        (out, consumed, event)
+    }
+
+    fn list_entry(name: &str, description: &str) -> Vec<u8> {
+        let mut payload = (name.len() as u32).to_be_bytes().to_vec();
+        payload.extend_from_slice(name.as_bytes());
+        payload.extend_from_slice(description.as_bytes());
+        rep(NBD_OPT_LIST, NBD_REP_SERVER, &payload)
+    }
+
+    #[test]
+    fn forced_tls_refuses_everything_but_starttls_and_abort() {
+        let mut gate = TestGate::new();
+        let input = stream(
+            FIXED,
+            &[
+                opt(NBD_OPT_LIST, &[]),
+                opt(NBD_OPT_INFO, &info_payload("disk", &[])),
+                opt(NBD_OPT_STRUCTURED_REPLY, &[]),
+                opt(NBD_OPT_PEEK_EXPORT, b"ignored payload"),
+                opt(NBD_OPT_ABORT, &[]),
+            ],
+        );
+        let (out, consumed, event) = run_gated(TlsPolicy::Require, &mut gate, &input);
+        let mut expected = Vec::new();
+        for option in [
+            NBD_OPT_LIST,
+            NBD_OPT_INFO,
+            NBD_OPT_STRUCTURED_REPLY,
+            NBD_OPT_PEEK_EXPORT,
+        ] {
+            expected.extend(rep(option, NBD_REP_ERR_TLS_REQD, b"TLS is required"));
+        }
+        expected.extend(rep(NBD_OPT_ABORT, NBD_REP_ACK, &[]));
+        assert_eq!(out, expected);
+        assert_eq!(consumed, input.len());
+        assert_eq!(event, Event::Close("client sent NBD_OPT_ABORT"));
+        assert!(gate.claimed.is_empty());
+
+        let input = stream(FIXED, &[opt(NBD_OPT_EXPORT_NAME, b"disk")]);
+        let (out, _, event) = run_gated(TlsPolicy::Require, &mut gate, &input);
+        assert!(out.is_empty(), "no export data before TLS");
+        assert_eq!(
+            event,
+            Event::Close("NBD_OPT_EXPORT_NAME before the required TLS")
+        );
+    }
+
+    #[test]
+    fn starttls_acks_then_hands_over_and_drops_negotiated_state() {
+        let mut gate = TestGate::new();
+        let mut handshake = Handshake::new(HandshakeConfig {
+            tls: TlsPolicy::Require,
+        });
+        let exports = exports();
+        let mut out = Vec::new();
+        // Structured replies may not be negotiated before TLS in forced mode; in selective
+        // mode they may, and STARTTLS must drop them (checked below with TlsPolicy::On).
+        let mut input = stream(FIXED, &[opt(NBD_OPT_STARTTLS, &[])]);
+        input.extend_from_slice(b"\x16\x03\x01 client hello bytes");
+        let (consumed, event) = handshake.advance_gated(&input, &exports, &mut gate, &mut out);
+        assert_eq!(event, Event::StartTls);
+        assert_eq!(consumed, CLIENT_FLAGS_BYTES + OPTION_HEADER_BYTES);
+        assert_eq!(out, rep(NBD_OPT_STARTTLS, NBD_REP_ACK, &[]));
+
+        // Now "decrypted" options follow: everything works, a second STARTTLS is invalid.
+        out.clear();
+        let input = [
+            opt(NBD_OPT_STARTTLS, &[]),
+            opt(NBD_OPT_GO, &info_payload("ro", &[])),
+        ]
+        .concat();
+        let (consumed, event) = handshake.advance_gated(&input, &exports, &mut gate, &mut out);
+        assert_eq!(consumed, input.len());
+        let Event::Done(session) = event else {
+            panic!("expected Done, got {event:?}");
+        };
+        assert_eq!(session.export_id, 1);
+        assert!(out.starts_with(&rep(
+            NBD_OPT_STARTTLS,
+            NBD_REP_ERR_INVALID,
+            b"TLS already negotiated"
+        )));
+        assert_eq!(gate.claimed, vec![1]);
+
+        // Selective mode: structured replies negotiated in plaintext are dropped by STARTTLS.
+        let mut handshake = Handshake::new(HandshakeConfig { tls: TlsPolicy::On });
+        let mut out = Vec::new();
+        let input = stream(
+            FIXED,
+            &[
+                opt(NBD_OPT_STRUCTURED_REPLY, &[]),
+                opt(NBD_OPT_STARTTLS, &[]),
+            ],
+        );
+        let (_, event) = handshake.advance_gated(&input, &exports, &mut gate, &mut out);
+        assert_eq!(event, Event::StartTls);
+        let input = opt(NBD_OPT_GO, &info_payload("disk", &[]));
+        let (_, event) = handshake.advance_gated(&input, &exports, &mut gate, &mut out);
+        let Event::Done(session) = event else {
+            panic!("expected Done, got {event:?}");
+        };
+        assert_eq!(session.reply_style, ReplyStyle::Simple);
+    }
+
+    #[test]
+    fn starttls_with_data_is_invalid_even_when_tls_is_on() {
+        let mut gate = TestGate::new();
+        let input = stream(FIXED, &[opt(NBD_OPT_STARTTLS, b"x")]);
+        let (out, _, event) = run_gated(TlsPolicy::On, &mut gate, &input);
+        assert_eq!(
+            out,
+            rep(
+                NBD_OPT_STARTTLS,
+                NBD_REP_ERR_INVALID,
+                b"option does not take data"
+            )
+        );
+        assert_eq!(event, Event::NeedMore);
+    }
+
+    #[test]
+    fn tls_only_exports_are_hidden_and_refused_in_plaintext() {
+        let mut gate = TestGate::new();
+        gate.tls_only = vec![0];
+        let mut handshake = Handshake::new(HandshakeConfig { tls: TlsPolicy::On });
+        let exports = exports();
+        let mut out = Vec::new();
+        let input = stream(
+            FIXED,
+            &[
+                opt(NBD_OPT_LIST, &[]),
+                opt(NBD_OPT_INFO, &info_payload("disk", &[])),
+                opt(NBD_OPT_GO, &info_payload("disk", &[])),
+                opt(NBD_OPT_STRUCTURED_REPLY, &[]),
+                opt(NBD_OPT_LIST_META_CONTEXT, &meta_payload("disk", &[])),
+                opt(NBD_OPT_STARTTLS, &[]),
+            ],
+        );
+        let (_, event) = handshake.advance_gated(&input, &exports, &mut gate, &mut out);
+        assert_eq!(event, Event::StartTls);
+        let mut expected = [list_entry("ro", ""), list_entry("", "default")].concat();
+        expected.extend(rep(NBD_OPT_LIST, NBD_REP_ACK, &[]));
+        for option in [NBD_OPT_INFO, NBD_OPT_GO] {
+            expected.extend(rep(option, NBD_REP_ERR_TLS_REQD, b"export requires TLS"));
+        }
+        expected.extend(rep(NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK, &[]));
+        expected.extend(rep(
+            NBD_OPT_LIST_META_CONTEXT,
+            NBD_REP_ERR_TLS_REQD,
+            b"export requires TLS",
+        ));
+        expected.extend(rep(NBD_OPT_STARTTLS, NBD_REP_ACK, &[]));
+        assert_eq!(out, expected);
+        assert!(gate.claimed.is_empty());
+
+        // Over TLS the export is listed and usable.
+        out.clear();
+        let input = [
+            opt(NBD_OPT_LIST, &[]),
+            opt(NBD_OPT_GO, &info_payload("disk", &[])),
+        ]
+        .concat();
+        let (_, event) = handshake.advance_gated(&input, &exports, &mut gate, &mut out);
+        assert!(out.starts_with(&list_entry("disk", "a test disk")));
+        assert!(matches!(event, Event::Done(Session { export_id: 0, .. })));
+        assert_eq!(gate.claimed, vec![0]);
+    }
+
+    #[test]
+    fn forbidden_exports_get_policy_errors_and_a_full_claim_refuses_go_only() {
+        let mut gate = TestGate::new();
+        gate.forbidden = vec![1];
+        gate.claims_left = 0;
+        let input = stream(
+            FIXED,
+            &[
+                opt(NBD_OPT_LIST, &[]),
+                opt(NBD_OPT_GO, &info_payload("ro", &[])),
+                opt(NBD_OPT_INFO, &info_payload("disk", &[])),
+                opt(NBD_OPT_GO, &info_payload("disk", &[])),
+            ],
+        );
+        let (out, consumed, event) = run_gated(TlsPolicy::Off, &mut gate, &input);
+        assert_eq!(consumed, input.len());
+        assert_eq!(event, Event::NeedMore);
+        let mut expected = [list_entry("disk", "a test disk"), list_entry("", "default")].concat();
+        expected.extend(rep(NBD_OPT_LIST, NBD_REP_ACK, &[]));
+        expected.extend(rep(NBD_OPT_GO, NBD_REP_ERR_POLICY, b"not for you"));
+        assert!(out.starts_with(&expected), "LIST and forbidden GO");
+        let rest = &out[expected.len()..];
+        // INFO does not claim a slot: it succeeds and ends with an ACK.
+        let info_ack = rep(NBD_OPT_INFO, NBD_REP_ACK, &[]);
+        let at = rest
+            .windows(info_ack.len())
+            .position(|window| window == info_ack.as_slice())
+            .expect("INFO succeeded");
+        assert_eq!(
+            &rest[at + info_ack.len()..],
+            rep(
+                NBD_OPT_GO,
+                NBD_REP_ERR_POLICY,
+                b"export connection limit reached"
+            )
+        );
+
+        let input = stream(FIXED, &[opt(NBD_OPT_EXPORT_NAME, b"disk")]);
+        let (out, _, event) = run_gated(TlsPolicy::Off, &mut gate, &input);
+        assert!(out.is_empty());
+        assert_eq!(event, Event::Close("export connection limit reached"));
     }
 
     #[test]
