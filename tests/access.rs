@@ -265,3 +265,32 @@ fn help_documents_tls_and_access_flags() {
         assert!(help.contains(expected), "{expected} missing:\n{help}");
     }
 }
+
+#[test]
+fn the_contrib_example_access_settings_are_valid_when_uncommented() {
+    let example = fs::read_to_string(repo_root().join("contrib/ringbd.toml")).unwrap();
+    let keys = ["tls", "allow", "export_max_connections", "max_connections"];
+    let mut enabled = 0;
+    let text: String = example
+        .lines()
+        .map(|line| match line.strip_prefix("# ") {
+            Some(rest) if keys.iter().any(|key| rest.starts_with(key)) => {
+                enabled += 1;
+                // The example names the qemu user, which this host may not have.
+                format!("{}\n", rest.replace("\"qemu\"", "\"root\""))
+            }
+            _ => format!("{line}\n"),
+        })
+        .collect();
+    assert!(enabled >= 14, "{enabled} lines enabled:\n{text}");
+    let dir = tempdir();
+    let file = write_config(dir.path(), &text);
+    let out = ringbd(&["check-config", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{out}\n{text}");
+    assert!(out.stdout.contains("tls = \"require\""), "{out}");
+    assert!(
+        out.stdout
+            .contains("allow_clients = [\"CN=hv1.example\", \"PSK:alice\"]"),
+        "{out}"
+    );
+}
