@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use crate::access::{ClientPattern, ExportPolicy, ListenerPolicy};
 use crate::target::backend::{CacheMode, Source};
 
 /// Default in-flight requests per connection.
@@ -45,6 +46,8 @@ pub struct ExportSpec {
     pub create_bytes: Option<u64>,
     /// Fault injection and power-loss simulation (docs/FAULTS.md).
     pub faults: ExportFaults,
+    /// Who may use the export (docs/CONFIGURATION.md "Access control").
+    pub policy: ExportPolicy,
 }
 
 /// Fault settings of one export, from `[[export]]` keys and the `--fault*` flags.
@@ -77,7 +80,19 @@ impl ExportSpec {
             cache,
             create_bytes: None,
             faults: ExportFaults::default(),
+            policy: ExportPolicy::default(),
         })
+    }
+
+    /// Whether `other` describes the same export in everything but its access policy: a
+    /// reload that changes only the policy can keep the open export (and its data, for
+    /// `memory:`) and swap the policy in.
+    pub fn same_except_policy(&self, other: &ExportSpec) -> bool {
+        let without = |spec: &ExportSpec| ExportSpec {
+            policy: ExportPolicy::default(),
+            ..spec.clone()
+        };
+        without(self) == without(other)
     }
 }
 
@@ -173,6 +188,9 @@ pub const QUEUE_DEPTH_RANGE: std::ops::RangeInclusive<u32> = 1..=4096;
 pub const BUFFER_MIB_RANGE: std::ops::RangeInclusive<usize> = 32..=65536;
 /// Valid connection limits.
 pub const MAX_CONNECTIONS_RANGE: std::ops::RangeInclusive<usize> = 1..=MAX_CONNECTIONS_MAX;
+/// Valid per-export connection limits (`export_max_connections`, `max_connections` of an
+/// export); 0 means unlimited.
+pub const EXPORT_MAX_CONNECTIONS_RANGE: std::ops::RangeInclusive<usize> = 0..=MAX_CONNECTIONS_MAX;
 /// Valid handshake timeouts, in seconds.
 pub const HANDSHAKE_TIMEOUT_SECONDS_RANGE: std::ops::RangeInclusive<u64> =
     1..=HANDSHAKE_TIMEOUT_SECONDS_MAX;
@@ -210,6 +228,220 @@ pub enum Listen {
     Unix(PathBuf),
 }
 
+/// `tls` / `--tls`: whether clients may or must use TLS (STARTTLS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsMode {
+    /// No TLS; STARTTLS is refused.
+    #[default]
+    Off,
+    /// TLS offered; plaintext clients are served (except `tls_only` exports).
+    On,
+    /// Every client must start TLS before anything else (NBD_REP_ERR_TLS_REQD otherwise).
+    Require,
+}
+
+impl TlsMode {
+    /// The configuration spelling: `off`, `on`, `require`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Off => "off",
+            TlsMode::On => "on",
+            TlsMode::Require => "require",
+        }
+    }
+}
+
+/// `tls_kernel` / `--tls-kernel`: kernel TLS offload after the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KernelTls {
+    /// Use kTLS when the kernel and the negotiated cipher allow it, else user space.
+    #[default]
+    Auto,
+    /// Always encrypt in user space.
+    Off,
+}
+
+impl KernelTls {
+    /// The configuration spelling: `auto`, `off`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KernelTls::Auto => "auto",
+            KernelTls::Off => "off",
+        }
+    }
+}
+
+/// TLS settings as configured; the files are read by the TLS layer (at startup and on
+/// SIGHUP), not here.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// Off, on or required.
+    pub mode: TlsMode,
+    /// Server certificate chain (PEM).
+    pub cert: Option<PathBuf>,
+    /// Private key of `cert` (PEM).
+    pub key: Option<PathBuf>,
+    /// CA certificates (PEM): when set, clients must present a certificate it signed.
+    pub ca: Option<PathBuf>,
+    /// Pre-shared keys in the psktool format (`identity:hexkey` per line).
+    pub psk: Option<PathBuf>,
+    /// Kernel TLS offload.
+    pub kernel: KernelTls,
+}
+
+/// A broken rule between TLS settings; [`TlsRule::key`] is the key at fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsRule {
+    /// `tls` is on or require, with neither `tls_cert` + `tls_key` nor `tls_psk`.
+    NoCredentials,
+    /// `tls_cert` without `tls_key`.
+    CertificateWithoutKey,
+    /// `tls_key` without `tls_cert`.
+    KeyWithoutCertificate,
+    /// `tls_ca` without `tls_cert` (client certificates need a server certificate).
+    CaWithoutCertificate,
+}
+
+impl TlsRule {
+    /// The `[server]` key at fault.
+    pub fn key(self) -> &'static str {
+        match self {
+            TlsRule::NoCredentials => "tls",
+            TlsRule::CertificateWithoutKey => "tls_cert",
+            TlsRule::KeyWithoutCertificate => "tls_key",
+            TlsRule::CaWithoutCertificate => "tls_ca",
+        }
+    }
+
+    /// The flag that sets [`TlsRule::key`].
+    pub fn flag(self) -> &'static str {
+        match self {
+            TlsRule::NoCredentials => "--tls",
+            TlsRule::CertificateWithoutKey => "--tls-cert",
+            TlsRule::KeyWithoutCertificate => "--tls-key",
+            TlsRule::CaWithoutCertificate => "--tls-ca",
+        }
+    }
+
+    /// What is wrong and how to fix it.
+    pub fn message(self, mode: TlsMode) -> String {
+        match self {
+            TlsRule::NoCredentials => format!(
+                "TLS mode \"{}\" needs credentials: tls_cert and tls_key (--tls-cert, --tls-key), \
+                 or tls_psk (--tls-psk)",
+                mode.as_str()
+            ),
+            TlsRule::CertificateWithoutKey => {
+                "tls_cert is set without tls_key (--tls-key): give the certificate's private key"
+                    .into()
+            }
+            TlsRule::KeyWithoutCertificate => {
+                "tls_key is set without tls_cert (--tls-cert): give the certificate".into()
+            }
+            TlsRule::CaWithoutCertificate => "tls_ca (client certificates) needs a server \
+                 certificate: set tls_cert and tls_key (--tls-cert, --tls-key)"
+                .into(),
+        }
+    }
+}
+
+impl TlsSettings {
+    /// Checks the rules between the TLS keys.
+    pub fn check(&self) -> Result<(), TlsRule> {
+        match (&self.cert, &self.key) {
+            (Some(_), None) => return Err(TlsRule::CertificateWithoutKey),
+            (None, Some(_)) => return Err(TlsRule::KeyWithoutCertificate),
+            _ => {}
+        }
+        if self.ca.is_some() && self.cert.is_none() {
+            return Err(TlsRule::CaWithoutCertificate);
+        }
+        if self.mode != TlsMode::Off && self.cert.is_none() && self.psk.is_none() {
+            return Err(TlsRule::NoCredentials);
+        }
+        Ok(())
+    }
+
+    /// Whether any certificate, key, CA or PSK file is given.
+    pub fn has_files(&self) -> bool {
+        self.cert.is_some() || self.key.is_some() || self.ca.is_some() || self.psk.is_some()
+    }
+}
+
+/// A broken rule between an export's access keys and the TLS settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportTlsRule {
+    /// `tls_only = true` while `tls` is off.
+    TlsOnlyWithoutTls,
+    /// `allow_clients` while `tls` is off.
+    ClientsWithoutTls,
+    /// `allow_clients[N]` is a certificate pattern but `tls_ca` is not set (no client
+    /// certificate is requested, so it could never match).
+    CertificateWithoutCa(usize),
+    /// `allow_clients[N]` is a `PSK:` pattern but `tls_psk` is not set.
+    PskWithoutPskFile(usize),
+}
+
+impl ExportTlsRule {
+    /// The `[[export]]` key at fault (`tls_only`, `allow_clients[N]`).
+    pub fn key(self) -> String {
+        match self {
+            ExportTlsRule::TlsOnlyWithoutTls => "tls_only".into(),
+            ExportTlsRule::ClientsWithoutTls => "allow_clients".into(),
+            ExportTlsRule::CertificateWithoutCa(index)
+            | ExportTlsRule::PskWithoutPskFile(index) => format!("allow_clients[{index}]"),
+        }
+    }
+
+    /// What is wrong and how to fix it.
+    pub fn message(self, policy: &ExportPolicy) -> String {
+        let pattern = |index: usize| policy.allow_clients[index].as_str();
+        match self {
+            ExportTlsRule::TlsOnlyWithoutTls => {
+                "tls_only needs TLS, but tls is \"off\" (set tls = \"on\" or \"require\", \
+                 or --tls)"
+                    .into()
+            }
+            ExportTlsRule::ClientsWithoutTls => {
+                "allow_clients needs TLS, but tls is \"off\" (set tls = \"on\" or \"require\", \
+                 or --tls)"
+                    .into()
+            }
+            ExportTlsRule::CertificateWithoutCa(index) => format!(
+                "'{}' matches client certificates, but tls_ca (--tls-ca) is not set, so no \
+                 client certificate is requested",
+                pattern(index)
+            ),
+            ExportTlsRule::PskWithoutPskFile(index) => format!(
+                "'{}' matches a PSK identity, but tls_psk (--tls-psk) is not set",
+                pattern(index)
+            ),
+        }
+    }
+}
+
+/// Checks an export's access keys against the TLS settings.
+pub fn check_export_tls(policy: &ExportPolicy, tls: &TlsSettings) -> Result<(), ExportTlsRule> {
+    if tls.mode == TlsMode::Off {
+        if policy.tls_only {
+            return Err(ExportTlsRule::TlsOnlyWithoutTls);
+        }
+        if !policy.allow_clients.is_empty() {
+            return Err(ExportTlsRule::ClientsWithoutTls);
+        }
+    }
+    for (index, text) in policy.allow_clients.iter().enumerate() {
+        let pattern = ClientPattern::parse(text).expect("allow_clients holds checked patterns");
+        if pattern.is_certificate() && tls.ca.is_none() {
+            return Err(ExportTlsRule::CertificateWithoutCa(index));
+        }
+        if !pattern.is_certificate() && tls.psk.is_none() {
+            return Err(ExportTlsRule::PskWithoutPskFile(index));
+        }
+    }
+    Ok(())
+}
+
 /// The whole server configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -229,6 +461,10 @@ pub struct Config {
     pub handshake_timeout_seconds: u64,
     /// Permission bits of unix sockets this server creates (`None`: as the umask leaves them).
     pub unix_mode: Option<u32>,
+    /// TLS (STARTTLS) settings.
+    pub tls: TlsSettings,
+    /// Who may connect at all, checked when a connection is accepted.
+    pub listener_policy: ListenerPolicy,
 }
 
 impl Config {
@@ -280,6 +516,43 @@ impl Config {
         )?;
         if let Some(mode) = self.unix_mode {
             check_unix_mode(mode)?;
+        }
+        self.validate_access()
+    }
+
+    /// The TLS and access-control part of [`Config::validate`].
+    fn validate_access(&self) -> Result<(), String> {
+        let tls = &self.tls;
+        if let Err(rule) = tls.check() {
+            return Err(rule.message(tls.mode));
+        }
+        let policy = &self.listener_policy;
+        crate::access::check_entries(policy.allow.len()).map_err(|e| format!("allow: {e}"))?;
+        crate::access::check_entries(policy.allow_uids.len())
+            .map_err(|e| format!("allow_uids: {e}"))?;
+        for export in &self.exports {
+            let policy = &export.policy;
+            let name = &export.name;
+            for (key, count) in [
+                ("allow", policy.allow.len()),
+                ("allow_uids", policy.allow_uids.len()),
+                ("allow_clients", policy.allow_clients.len()),
+            ] {
+                crate::access::check_entries(count)
+                    .map_err(|error| format!("export '{name}': {key}: {error}"))?;
+            }
+            for pattern in &policy.allow_clients {
+                crate::access::canonical_pattern(pattern)
+                    .map_err(|error| format!("export '{name}': allow_clients: {error}"))?;
+            }
+            if let Some(limit) = policy.max_connections {
+                // 0 (unlimited) is stored as `None`.
+                check_range("max_connections", limit as usize, MAX_CONNECTIONS_RANGE)
+                    .map_err(|error| format!("export '{name}': {error}"))?;
+            }
+            check_export_tls(policy, tls).map_err(|rule| {
+                format!("export '{name}': {}: {}", rule.key(), rule.message(policy))
+            })?;
         }
         Ok(())
     }
@@ -353,5 +626,108 @@ mod tests {
         for bytes in [1u64 << 30, 1536 << 10, 100, 3 << 40] {
             assert_eq!(parse_size(&format_size(bytes)), Ok(bytes));
         }
+    }
+
+    #[test]
+    fn tls_rules_name_the_key_at_fault() {
+        let cert = Some(PathBuf::from("/c"));
+        let base = TlsSettings::default();
+        assert_eq!(base.check(), Ok(()));
+        let require = TlsSettings {
+            mode: TlsMode::Require,
+            ..base.clone()
+        };
+        assert_eq!(require.check(), Err(TlsRule::NoCredentials));
+        let psk = TlsSettings {
+            psk: cert.clone(),
+            ..require.clone()
+        };
+        assert_eq!(psk.check(), Ok(()));
+        let half = TlsSettings {
+            cert: cert.clone(),
+            ..require.clone()
+        };
+        assert_eq!(half.check(), Err(TlsRule::CertificateWithoutKey));
+        let key_only = TlsSettings {
+            key: cert.clone(),
+            ..base.clone()
+        };
+        assert_eq!(key_only.check(), Err(TlsRule::KeyWithoutCertificate));
+        let ca_with_psk = TlsSettings {
+            ca: cert.clone(),
+            ..psk.clone()
+        };
+        assert_eq!(ca_with_psk.check(), Err(TlsRule::CaWithoutCertificate));
+        assert_eq!(TlsRule::CaWithoutCertificate.key(), "tls_ca");
+        assert_eq!(TlsRule::NoCredentials.flag(), "--tls");
+        let full = TlsSettings {
+            key: cert.clone(),
+            ca: cert.clone(),
+            ..half
+        };
+        assert_eq!(full.check(), Ok(()));
+        assert!(
+            TlsRule::NoCredentials
+                .message(TlsMode::On)
+                .contains("\"on\"")
+        );
+    }
+
+    #[test]
+    fn export_tls_rules_follow_the_server_settings() {
+        let patterns = |list: &[&str]| list.iter().map(|p| p.to_string()).collect();
+        let mut policy = ExportPolicy {
+            tls_only: true,
+            ..ExportPolicy::default()
+        };
+        let off = TlsSettings::default();
+        assert_eq!(
+            check_export_tls(&policy, &off),
+            Err(ExportTlsRule::TlsOnlyWithoutTls)
+        );
+        let psk_only = TlsSettings {
+            mode: TlsMode::On,
+            psk: Some("/p".into()),
+            ..off.clone()
+        };
+        assert_eq!(check_export_tls(&policy, &psk_only), Ok(()));
+        policy.tls_only = false;
+        policy.allow_clients = patterns(&["PSK:a", "CN=x"]);
+        assert_eq!(
+            check_export_tls(&policy, &off),
+            Err(ExportTlsRule::ClientsWithoutTls)
+        );
+        let rule = check_export_tls(&policy, &psk_only).unwrap_err();
+        assert_eq!(rule, ExportTlsRule::CertificateWithoutCa(1));
+        assert_eq!(rule.key(), "allow_clients[1]");
+        assert!(rule.message(&policy).contains("'CN=x'"));
+        let certificates = TlsSettings {
+            mode: TlsMode::Require,
+            cert: Some("/c".into()),
+            key: Some("/k".into()),
+            ca: Some("/ca".into()),
+            ..off.clone()
+        };
+        assert_eq!(
+            check_export_tls(&policy, &certificates),
+            Err(ExportTlsRule::PskWithoutPskFile(0))
+        );
+        let both = TlsSettings {
+            psk: Some("/p".into()),
+            ..certificates
+        };
+        assert_eq!(check_export_tls(&policy, &both), Ok(()));
+    }
+
+    #[test]
+    fn a_policy_change_makes_specs_unequal_but_the_same_export() {
+        let spec = ExportSpec::parse("vm1=memory:1G", false, CacheMode::Direct).unwrap();
+        let mut changed = spec.clone();
+        changed.policy.allow_uids = vec![1000];
+        assert_ne!(spec, changed, "a reload must see the new policy");
+        assert!(spec.same_except_policy(&changed));
+        let mut other = changed.clone();
+        other.read_only = true;
+        assert!(!spec.same_except_policy(&other));
     }
 }

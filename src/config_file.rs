@@ -24,11 +24,14 @@
 use std::fmt;
 use std::ops::{Range, RangeInclusive};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use toml::Spanned;
 
-use crate::config::{self, Config, ExportSpec, Listen};
+use crate::access::{self, ExportPolicy, ListenerPolicy};
+use crate::config::{self, Config, ExportSpec, KernelTls, Listen, TlsMode, TlsSettings};
 use crate::target::backend::{CacheMode, Source};
 
 /// The whole file.
@@ -41,6 +44,19 @@ pub struct FileConfig {
     /// The `[[export]]` tables, in order.
     #[serde(default, rename = "export", skip_serializing_if = "Vec::is_empty")]
     pub exports: Vec<ExportTable>,
+    /// The text it was parsed from, so that rules checked after merging with the command
+    /// line ([`resolve`]) can still name the line (`None` when built in code).
+    #[serde(skip)]
+    pub source: Option<Arc<SourceText>>,
+}
+
+/// A configuration file's name and text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceText {
+    /// The file as named by the user.
+    pub file: String,
+    /// Its contents.
+    pub text: String,
 }
 
 /// The `[server]` table. Every key is optional; absent keys take the default or the flag.
@@ -115,6 +131,37 @@ pub struct ServerTable {
         skip_serializing_if = "Option::is_none"
     )]
     pub handshake_timeout_seconds: Option<u64>,
+    /// `off`, `on` or `require`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Spanned<TlsSetting>>,
+    /// Server certificate chain (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<Spanned<FilePath>>,
+    /// Private key of `tls_cert` (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<Spanned<FilePath>>,
+    /// CA certificates: require and verify client certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<Spanned<FilePath>>,
+    /// Pre-shared keys, psktool format.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_psk: Option<Spanned<FilePath>>,
+    /// Kernel TLS offload: `auto` or `off`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_kernel: Option<KernelTlsSetting>,
+    /// Listener-wide allowlist of TCP client networks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<CidrList>,
+    /// Listener-wide allowlist of unix-socket client users.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_uids: Option<UidList>,
+    /// Default connection limit of every export (0: unlimited).
+    #[serde(
+        default,
+        deserialize_with = "export_max_connections",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub export_max_connections: Option<u32>,
 }
 
 /// One `[[export]]` table.
@@ -149,7 +196,190 @@ pub struct ExportTable {
     /// Bound of the unflushed-write log, MiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub power_loss_max_mib: Option<u64>,
+    /// Refuse plaintext clients (and hide the export from their LIST).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_only: Option<Spanned<bool>>,
+    /// TCP client networks that may use the export.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<CidrList>,
+    /// Unix-socket client users that may use the export.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_uids: Option<UidList>,
+    /// TLS client identities that may use the export.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_clients: Option<Spanned<PatternList>>,
+    /// Clients using the export at once (0: unlimited); overrides `export_max_connections`.
+    #[serde(
+        default,
+        deserialize_with = "export_max_connections",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_connections: Option<u32>,
 }
+
+/// `tls = "off" | "on" | "require"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsSetting {
+    /// No TLS.
+    Off,
+    /// TLS offered.
+    On,
+    /// TLS required.
+    Require,
+}
+
+impl From<TlsSetting> for TlsMode {
+    fn from(setting: TlsSetting) -> TlsMode {
+        match setting {
+            TlsSetting::Off => TlsMode::Off,
+            TlsSetting::On => TlsMode::On,
+            TlsSetting::Require => TlsMode::Require,
+        }
+    }
+}
+
+impl From<TlsMode> for TlsSetting {
+    fn from(mode: TlsMode) -> TlsSetting {
+        match mode {
+            TlsMode::Off => TlsSetting::Off,
+            TlsMode::On => TlsSetting::On,
+            TlsMode::Require => TlsSetting::Require,
+        }
+    }
+}
+
+/// `tls_kernel = "auto" | "off"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelTlsSetting {
+    /// kTLS when available.
+    Auto,
+    /// User-space encryption only.
+    Off,
+}
+
+impl From<KernelTlsSetting> for KernelTls {
+    fn from(setting: KernelTlsSetting) -> KernelTls {
+        match setting {
+            KernelTlsSetting::Auto => KernelTls::Auto,
+            KernelTlsSetting::Off => KernelTls::Off,
+        }
+    }
+}
+
+impl From<KernelTls> for KernelTlsSetting {
+    fn from(kernel: KernelTls) -> KernelTlsSetting {
+        match kernel {
+            KernelTls::Auto => KernelTlsSetting::Auto,
+            KernelTls::Off => KernelTlsSetting::Off,
+        }
+    }
+}
+
+/// A non-empty file path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct FilePath(pub PathBuf);
+
+impl<'de> Deserialize<'de> for FilePath {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let check = |text: &str| match text.trim().is_empty() {
+            true => Err("the path is empty".to_string()),
+            false => Ok(()),
+        };
+        checked_string(deserializer, check, |text| FilePath(PathBuf::from(text)))
+    }
+}
+
+/// One checked `allow` entry: a CIDR network or a bare address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr(pub IpNet);
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        access::parse_net(&text)
+            .map(Cidr)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&self.0)
+    }
+}
+
+/// One checked `allow_uids` entry: a uid, or a user name resolved when the file is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Uid(pub u32);
+
+impl<'de> Deserialize<'de> for Uid {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let uid = match TextOrInteger::deserialize(deserializer)? {
+            TextOrInteger::Text(text) => access::parse_uid(&text),
+            TextOrInteger::Integer(value) => {
+                u32::try_from(value).map_err(|_| format!("uid {value} is out of range"))
+            }
+        };
+        uid.map(Uid).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Uid {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_u32(self.0)
+    }
+}
+
+/// One checked `allow_clients` pattern, kept in canonical form.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Pattern(pub String);
+
+impl<'de> Deserialize<'de> for Pattern {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        access::canonical_pattern(&text)
+            .map(Pattern)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Declares a bounded list type (at most [`access::ALLOWLIST_ENTRIES_MAX`] entries).
+macro_rules! bounded_list {
+    ($(#[$doc:meta])* $name:ident, $item:ty) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+        #[serde(transparent)]
+        pub struct $name(pub Vec<$item>);
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let items = Vec::<$item>::deserialize(deserializer)?;
+                access::check_entries(items.len()).map_err(serde::de::Error::custom)?;
+                Ok($name(items))
+            }
+        }
+    };
+}
+
+bounded_list!(
+    /// An `allow` list.
+    CidrList,
+    Cidr
+);
+bounded_list!(
+    /// An `allow_uids` list.
+    UidList,
+    Uid
+);
+bounded_list!(
+    /// An `allow_clients` list (each entry spanned, for errors found after merging).
+    PatternList,
+    Spanned<Pattern>
+);
 
 /// A checked fault rule.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -396,6 +626,13 @@ fn max_connections<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<
     number_in(deserializer, config::MAX_CONNECTIONS_RANGE)
 }
 
+fn export_max_connections<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<u32>, D::Error> {
+    let limit = number_in(deserializer, config::EXPORT_MAX_CONNECTIONS_RANGE)?;
+    Ok(limit.map(|limit| u32::try_from(limit).expect("the range fits in u32")))
+}
+
 fn handshake_timeout_seconds<'de, D: Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Option<u64>, D::Error> {
@@ -499,17 +736,22 @@ pub fn parse(text: &str, file: &str) -> Result<FileConfig, Box<ConfigError>> {
     let deserializer = toml::Deserializer::parse(text).map_err(|error| {
         ConfigError::at(text, file, error.span(), None).with_message(error.message())
     })?;
-    let parsed: FileConfig = serde_path_to_error::deserialize(deserializer).map_err(|error| {
-        // `Spanned` values deserialize through a private field; it is not a key.
-        let key = error
-            .path()
-            .to_string()
-            .replace(".$__serde_spanned_private_value", "");
-        let key = (key != ".").then_some(key);
-        let inner = error.into_inner();
-        ConfigError::at(text, file, inner.span(), key).with_message(inner.message())
-    })?;
+    let mut parsed: FileConfig =
+        serde_path_to_error::deserialize(deserializer).map_err(|error| {
+            // `Spanned` values deserialize through a private field; it is not a key.
+            let key = error
+                .path()
+                .to_string()
+                .replace(".$__serde_spanned_private_value", "");
+            let key = (key != ".").then_some(key);
+            let inner = error.into_inner();
+            ConfigError::at(text, file, inner.span(), key).with_message(inner.message())
+        })?;
     check_exports(&parsed, text, file)?;
+    parsed.source = Some(Arc::new(SourceText {
+        file: file.to_string(),
+        text: text.to_string(),
+    }));
     Ok(parsed)
 }
 
@@ -583,6 +825,51 @@ pub struct Overrides {
     pub max_connections: Option<usize>,
     /// `--handshake-timeout-seconds`.
     pub handshake_timeout_seconds: Option<u64>,
+    /// `--tls`.
+    pub tls: Option<TlsMode>,
+    /// `--tls-cert`.
+    pub tls_cert: Option<PathBuf>,
+    /// `--tls-key`.
+    pub tls_key: Option<PathBuf>,
+    /// `--tls-ca`.
+    pub tls_ca: Option<PathBuf>,
+    /// `--tls-psk`.
+    pub tls_psk: Option<PathBuf>,
+    /// `--tls-kernel`.
+    pub tls_kernel: Option<KernelTls>,
+    /// `--allow` (replaces `server.allow`).
+    pub allow: Vec<IpNet>,
+    /// `--allow-uid` (replaces `server.allow_uids`).
+    pub allow_uids: Vec<u32>,
+    /// `--export-max-connections` (0: unlimited): replaces `server.export_max_connections`,
+    /// the default of exports without their own `max_connections`.
+    pub export_max_connections: Option<u32>,
+}
+
+/// Why [`resolve`] failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResolveError {
+    /// A rule broken by values from the file, located there.
+    File(Box<ConfigError>),
+    /// Anything else; the message names the flag or key.
+    Message(String),
+}
+
+impl fmt::Display for ResolveError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ResolveError::File(error) => error.fmt(f),
+            ResolveError::Message(message) => f.write_str(message),
+        }
+    }
+}
+
+impl std::error::Error for ResolveError {}
+
+impl From<String> for ResolveError {
+    fn from(message: String) -> ResolveError {
+        ResolveError::Message(message)
+    }
 }
 
 /// Facts about the host that defaults depend on.
@@ -621,11 +908,12 @@ pub fn resolve(
     file: Option<&FileConfig>,
     overrides: &Overrides,
     environment: Environment,
-) -> Result<Settings, String> {
+) -> Result<Settings, ResolveError> {
     let empty = FileConfig::default();
     let file = file.unwrap_or(&empty);
     let server = &file.server;
     let config = data_plane_config(file, overrides, environment)?;
+    check_access(file, overrides, &config)?;
     config.validate()?;
     let metrics = overrides
         .metrics
@@ -676,6 +964,7 @@ fn data_plane_config(
         if matches!(spec.source, Source::Path(_)) {
             spec.create_bytes = overrides.create_bytes;
         }
+        spec.policy.max_connections = export_limit(None, server, overrides);
         exports.push(spec);
     }
     Ok(Config {
@@ -702,7 +991,130 @@ fn data_plane_config(
             .or(server.handshake_timeout_seconds)
             .unwrap_or(config::HANDSHAKE_TIMEOUT_SECONDS),
         unix_mode: overrides.unix_mode.or(server.unix_mode.map(|mode| mode.0)),
+        tls: tls_settings(server, overrides),
+        listener_policy: ListenerPolicy {
+            allow: if overrides.allow.is_empty() {
+                nets(server.allow.as_ref())
+            } else {
+                overrides.allow.clone()
+            },
+            allow_uids: if overrides.allow_uids.is_empty() {
+                uids(server.allow_uids.as_ref())
+            } else {
+                overrides.allow_uids.clone()
+            },
+        },
     })
+}
+
+fn tls_settings(server: &ServerTable, overrides: &Overrides) -> TlsSettings {
+    let path = |flag: &Option<PathBuf>, key: &Option<Spanned<FilePath>>| {
+        flag.clone()
+            .or_else(|| key.as_ref().map(|path| path.get_ref().0.clone()))
+    };
+    TlsSettings {
+        mode: overrides
+            .tls
+            .or(server.tls.as_ref().map(|mode| (*mode.get_ref()).into()))
+            .unwrap_or_default(),
+        cert: path(&overrides.tls_cert, &server.tls_cert),
+        key: path(&overrides.tls_key, &server.tls_key),
+        ca: path(&overrides.tls_ca, &server.tls_ca),
+        psk: path(&overrides.tls_psk, &server.tls_psk),
+        kernel: overrides
+            .tls_kernel
+            .or(server.tls_kernel.map(Into::into))
+            .unwrap_or_default(),
+    }
+}
+
+fn nets(list: Option<&CidrList>) -> Vec<IpNet> {
+    list.map(|list| list.0.iter().map(|cidr| cidr.0).collect())
+        .unwrap_or_default()
+}
+
+fn uids(list: Option<&UidList>) -> Vec<u32> {
+    list.map(|list| list.0.iter().map(|uid| uid.0).collect())
+        .unwrap_or_default()
+}
+
+/// The connection limit of an export: its own, else the default (flag, then file); 0 is
+/// unlimited.
+fn export_limit(own: Option<u32>, server: &ServerTable, overrides: &Overrides) -> Option<u32> {
+    own.or(overrides.export_max_connections)
+        .or(server.export_max_connections)
+        .filter(|limit| *limit > 0)
+}
+
+/// The TLS and access rules across keys, checked on the merged values; a rule broken by a
+/// value from the file names its line, one broken by a flag names the flag.
+fn check_access(
+    file: &FileConfig,
+    overrides: &Overrides,
+    config: &Config,
+) -> Result<(), ResolveError> {
+    let server = &file.server;
+    let tls = &config.tls;
+    if let Err(rule) = tls.check() {
+        let span = |flag_given: bool, key: &Option<Spanned<FilePath>>| {
+            key.as_ref().filter(|_| !flag_given).map(Spanned::span)
+        };
+        let span = match rule {
+            config::TlsRule::NoCredentials => server
+                .tls
+                .as_ref()
+                .filter(|_| overrides.tls.is_none())
+                .map(Spanned::span),
+            config::TlsRule::CertificateWithoutKey => {
+                span(overrides.tls_cert.is_some(), &server.tls_cert)
+            }
+            config::TlsRule::KeyWithoutCertificate => {
+                span(overrides.tls_key.is_some(), &server.tls_key)
+            }
+            config::TlsRule::CaWithoutCertificate => {
+                span(overrides.tls_ca.is_some(), &server.tls_ca)
+            }
+        };
+        let key = format!("server.{}", rule.key());
+        return Err(blame(file, span, key, rule.flag(), rule.message(tls.mode)));
+    }
+    // The file's exports come first in `config.exports`, in order.
+    for (index, (table, spec)) in file.exports.iter().zip(&config.exports).enumerate() {
+        let Err(rule) = config::check_export_tls(&spec.policy, tls) else {
+            continue;
+        };
+        let patterns = table.allow_clients.as_ref();
+        let span = match rule {
+            config::ExportTlsRule::TlsOnlyWithoutTls => table.tls_only.as_ref().map(Spanned::span),
+            config::ExportTlsRule::ClientsWithoutTls => patterns.map(Spanned::span),
+            config::ExportTlsRule::CertificateWithoutCa(item)
+            | config::ExportTlsRule::PskWithoutPskFile(item) => {
+                patterns.map(|list| list.get_ref().0[item].span())
+            }
+        };
+        let key = format!("export[{index}].{}", rule.key());
+        let message = format!("export '{}': {}", spec.name, rule.message(&spec.policy));
+        return Err(blame(file, span, key.clone(), &key, message));
+    }
+    Ok(())
+}
+
+/// A located error when `span` is a value of the parsed file, else a message led by `flag`.
+fn blame(
+    file: &FileConfig,
+    span: Option<Range<usize>>,
+    key: String,
+    flag: &str,
+    message: String,
+) -> ResolveError {
+    match (span, &file.source) {
+        (Some(span), Some(source)) => ResolveError::File(
+            ConfigError::at(&source.text, &source.file, Some(span), Some(key))
+                .with_message(message),
+        ),
+        (Some(_), None) => ResolveError::Message(format!("{key}: {message}")),
+        (None, _) => ResolveError::Message(format!("{flag}: {message}")),
+    }
 }
 
 fn export_from_table(
@@ -745,6 +1157,21 @@ fn export_from_table(
             seed: table.fault_seed,
             power_loss: table.power_loss.map(Into::into),
             power_loss_max_mib: table.power_loss_max_mib,
+        },
+        policy: ExportPolicy {
+            allow: nets(table.allow.as_ref()),
+            allow_uids: uids(table.allow_uids.as_ref()),
+            allow_clients: table
+                .allow_clients
+                .iter()
+                .flat_map(|list| &list.get_ref().0)
+                .map(|pattern| pattern.get_ref().0.clone())
+                .collect(),
+            tls_only: table
+                .tls_only
+                .as_ref()
+                .is_some_and(|tls_only| *tls_only.get_ref()),
+            max_connections: export_limit(table.max_connections, server, overrides),
         },
     })
 }
@@ -799,15 +1226,45 @@ impl Settings {
             group: self.group.clone(),
             max_connections: Some(config.max_connections),
             handshake_timeout_seconds: Some(config.handshake_timeout_seconds),
+            tls: Some(unspanned(config.tls.mode.into())),
+            tls_cert: file_path(&config.tls.cert),
+            tls_key: file_path(&config.tls.key),
+            tls_ca: file_path(&config.tls.ca),
+            tls_psk: file_path(&config.tls.psk),
+            tls_kernel: Some(config.tls.kernel.into()),
+            allow: Some(cidr_list(&config.listener_policy.allow)),
+            allow_uids: Some(uid_list(&config.listener_policy.allow_uids)),
+            // Resolved into every export's `max_connections`, like `cache` and `read_only`.
+            export_max_connections: None,
         };
         let exports = config.exports.iter().map(export_table).collect();
-        FileConfig { server, exports }
+        FileConfig {
+            server,
+            exports,
+            source: None,
+        }
     }
 
     /// [`Settings::to_file_config`] as TOML text.
     pub fn to_toml(&self) -> String {
         toml::to_string(&self.to_file_config()).expect("the effective configuration serializes")
     }
+}
+
+fn unspanned<T>(value: T) -> Spanned<T> {
+    Spanned::new(0..0, value)
+}
+
+fn file_path(path: &Option<PathBuf>) -> Option<Spanned<FilePath>> {
+    path.clone().map(|path| unspanned(FilePath(path)))
+}
+
+fn cidr_list(nets: &[IpNet]) -> CidrList {
+    CidrList(nets.iter().copied().map(Cidr).collect())
+}
+
+fn uid_list(uids: &[u32]) -> UidList {
+    UidList(uids.iter().copied().map(Uid).collect())
 }
 
 fn export_table(spec: &ExportSpec) -> ExportTable {
@@ -829,6 +1286,17 @@ fn export_table(spec: &ExportSpec) -> ExportTable {
         fault_seed: spec.faults.seed,
         power_loss: spec.faults.power_loss.map(Into::into),
         power_loss_max_mib: spec.faults.power_loss_max_mib,
+        tls_only: Some(unspanned(spec.policy.tls_only)),
+        allow: Some(cidr_list(&spec.policy.allow)),
+        allow_uids: Some(uid_list(&spec.policy.allow_uids)),
+        allow_clients: Some(unspanned(PatternList(
+            spec.policy
+                .allow_clients
+                .iter()
+                .map(|pattern| unspanned(Pattern(pattern.clone())))
+                .collect(),
+        ))),
+        max_connections: Some(spec.policy.max_connections.unwrap_or(0)),
     }
 }
 
@@ -1032,7 +1500,9 @@ read_only = true
             exports: vec!["vm1=/x".into()],
             ..Overrides::default()
         };
-        let error = resolve(Some(&file), &clash, ENVIRONMENT).unwrap_err();
+        let error = resolve(Some(&file), &clash, ENVIRONMENT)
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("'vm1' is used twice"), "{error}");
     }
 
@@ -1055,7 +1525,9 @@ read_only = true
         };
         let settings = resolve(None, &overrides, activated).unwrap();
         assert!(settings.config.listen.is_empty(), "inherited sockets only");
-        let none = resolve(None, &Overrides::default(), ENVIRONMENT).unwrap_err();
+        let none = resolve(None, &Overrides::default(), ENVIRONMENT)
+            .unwrap_err()
+            .to_string();
         assert!(none.contains("no exports"), "{none}");
     }
 
@@ -1072,5 +1544,396 @@ read_only = true
         assert_eq!(again.to_toml(), text);
         assert!(text.contains("unix_mode = \"0660\""), "{text}");
         assert!(text.contains("size = \"10G\""), "{text}");
+    }
+
+    const ACCESS: &str = r#"
+[server]
+tls = "require"
+tls_cert = "/etc/ringbd/server-cert.pem"
+tls_key = "/etc/ringbd/server-key.pem"
+tls_ca = "/etc/ringbd/ca-cert.pem"
+tls_psk = "/etc/ringbd/keys.psk"
+tls_kernel = "off"
+allow = ["10.0.0.0/8", "::1", "::ffff:192.168.0.0/112"]
+allow_uids = [0, "root", 1000]
+export_max_connections = 8
+
+[[export]]
+name = "vm1"
+path = "memory:1M"
+tls_only = true
+allow = ["10.1.0.0/16"]
+allow_uids = [1000]
+allow_clients = ["cn=hv1.example", "PSK:alice", "dns:HV2.Example"]
+max_connections = 4
+
+[[export]]
+name = "open"
+path = "memory:1M"
+max_connections = 0
+"#;
+
+    fn settings_of(text: &str, overrides: &Overrides) -> Result<Settings, ResolveError> {
+        let file = parse(text, "ringbd.toml").unwrap_or_else(|error| panic!("{error}"));
+        resolve(Some(&file), overrides, ENVIRONMENT)
+    }
+
+    fn net(text: &str) -> IpNet {
+        access::parse_net(text).unwrap()
+    }
+
+    #[test]
+    fn tls_and_access_keys_resolve() {
+        let settings = settings_of(ACCESS, &Overrides::default()).unwrap();
+        let config = &settings.config;
+        assert_eq!(config.tls.mode, TlsMode::Require);
+        assert_eq!(config.tls.kernel, KernelTls::Off);
+        assert_eq!(config.tls.ca, Some("/etc/ringbd/ca-cert.pem".into()));
+        assert_eq!(
+            config.listener_policy.allow,
+            [net("10.0.0.0/8"), net("::1/128"), net("192.168.0.0/16")]
+        );
+        assert_eq!(config.listener_policy.allow_uids, [0, 0, 1000]);
+        let vm1 = &config.exports[0].policy;
+        assert!(vm1.tls_only);
+        assert_eq!(vm1.allow, [net("10.1.0.0/16")]);
+        assert_eq!(vm1.allow_uids, [1000]);
+        assert_eq!(
+            vm1.allow_clients,
+            ["CN=hv1.example", "PSK:alice", "DNS:hv2.example"]
+        );
+        assert_eq!(vm1.max_connections, Some(4), "own limit wins");
+        assert_eq!(
+            config.exports[1].policy.max_connections, None,
+            "0: unlimited"
+        );
+        assert!(config.exports[1].policy.allow.is_empty());
+    }
+
+    #[test]
+    fn access_flags_override_the_file() {
+        let overrides = Overrides {
+            exports: vec!["extra=memory:1M".into()],
+            tls: Some(TlsMode::On),
+            tls_cert: Some("/flag/cert.pem".into()),
+            tls_kernel: Some(KernelTls::Auto),
+            allow: vec![net("127.0.0.1")],
+            allow_uids: vec![7],
+            export_max_connections: Some(3),
+            ..Overrides::default()
+        };
+        let settings = settings_of(ACCESS, &overrides).unwrap();
+        let config = &settings.config;
+        assert_eq!(config.tls.mode, TlsMode::On);
+        assert_eq!(config.tls.cert, Some("/flag/cert.pem".into()));
+        assert_eq!(config.tls.key, Some("/etc/ringbd/server-key.pem".into()));
+        assert_eq!(config.tls.kernel, KernelTls::Auto);
+        assert_eq!(config.listener_policy.allow, [net("127.0.0.1/32")]);
+        assert_eq!(config.listener_policy.allow_uids, [7]);
+        let limits: Vec<_> = config
+            .exports
+            .iter()
+            .map(|export| export.policy.max_connections)
+            .collect();
+        assert_eq!(
+            limits,
+            [Some(4), None, Some(3)],
+            "own keys win over the default"
+        );
+        assert!(config.exports[2].policy.allow_clients.is_empty());
+    }
+
+    #[test]
+    fn access_values_name_the_key_and_the_line() {
+        let cases = [
+            (
+                "[server]\ntls = \"maybe\"\n",
+                "server.tls",
+                2,
+                "unknown variant",
+            ),
+            (
+                "[server]\ntls_kernel = \"on\"\n",
+                "server.tls_kernel",
+                2,
+                "unknown variant",
+            ),
+            (
+                "[server]\n\ntls_cert = \"\"\n",
+                "server.tls_cert",
+                3,
+                "empty",
+            ),
+            (
+                "[server]\nallow = [\"10.0.0.0/8\",\n  \"10.0.0.1/8\"]\n",
+                "server.allow[1]",
+                2,
+                "did you mean 10.0.0.0/8",
+            ),
+            (
+                "[server]\nallow = [\"10.0.0\"]\n",
+                "server.allow[0]",
+                2,
+                "CIDR",
+            ),
+            (
+                "[server]\nallow = \"10.0.0.0/8\"\n",
+                "server.allow",
+                2,
+                "invalid type",
+            ),
+            (
+                "[server]\nallow_uids = [1, \"no-such-user-ringbd\"]\n",
+                "server.allow_uids[1]",
+                2,
+                "does not exist",
+            ),
+            (
+                "[server]\nallow_uids = [-1]\n",
+                "server.allow_uids[0]",
+                2,
+                "out of range",
+            ),
+            (
+                "[server]\nexport_max_connections = 2000000\n",
+                "server.export_max_connections",
+                2,
+                "out of range",
+            ),
+            (
+                "[[export]]\nname = \"a\"\npath = \"/a\"\ntls_only = \"yes\"\n",
+                "export[0].tls_only",
+                4,
+                "invalid type",
+            ),
+            (
+                "[[export]]\nname = \"a\"\npath = \"/a\"\nallow = [\"::1/129\"]\n",
+                "export[0].allow[0]",
+                4,
+                "CIDR",
+            ),
+            (
+                "[[export]]\nname = \"a\"\npath = \"/a\"\nallow_uids = [\"\"]\n",
+                "export[0].allow_uids[0]",
+                4,
+                "empty",
+            ),
+            (
+                "[[export]]\nname = \"a\"\npath = \"/a\"\nallow_clients = [\"CN=x\", \"alice\"]\n",
+                "export[0].allow_clients[1]",
+                4,
+                "client pattern 'alice'",
+            ),
+            (
+                "[[export]]\nname = \"a\"\npath = \"/a\"\nallow_clients = [\"DNS:a..b\"]\n",
+                "export[0].allow_clients[0]",
+                4,
+                "not a DNS name",
+            ),
+            (
+                "[[export]]\nname = \"a\"\npath = \"/a\"\nmax_connections = -1\n",
+                "export[0].max_connections",
+                4,
+                "invalid value",
+            ),
+        ];
+        for (text, key, line, message) in cases {
+            let error = error_of(text);
+            assert_eq!(error.key.as_deref(), Some(key), "{text}: {error}");
+            let found = error.position.map(|(line, _)| line);
+            assert_eq!(found, Some(line), "{text}: {error}");
+            assert!(error.message.contains(message), "{text}: {error}");
+        }
+        let many = (0..=access::ALLOWLIST_ENTRIES_MAX)
+            .map(|i| format!("\"10.0.{}.{}\"", i / 256, i % 256));
+        let text = format!(
+            "[server]\nallow = [{}]\n",
+            many.collect::<Vec<_>>().join(",")
+        );
+        let error = error_of(&text);
+        assert_eq!(error.key.as_deref(), Some("server.allow"), "{error}");
+        assert!(error.message.contains("more than"), "{error}");
+    }
+
+    /// A rule checked after merging, broken by the file alone.
+    fn located(text: &str) -> ConfigError {
+        match settings_of(text, &Overrides::default()) {
+            Err(ResolveError::File(error)) => *error,
+            other => panic!("{text}: expected a located error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn tls_rules_name_the_key_and_the_line() {
+        let export = "[[export]]\nname = \"a\"\npath = \"memory:1M\"\n";
+        let psk_server = "[server]\ntls = \"on\"\ntls_psk = \"/p\"\n";
+        let cert_server = "[server]\ntls = \"on\"\ntls_cert = \"/c\"\ntls_key = \"/k\"\n";
+        let cases = [
+            (
+                format!("[server]\n\ntls = \"require\"\n{export}"),
+                "server.tls",
+                3,
+                "needs credentials",
+            ),
+            (
+                format!("[server]\ntls = \"on\"\ntls_cert = \"/c\"\n{export}"),
+                "server.tls_cert",
+                3,
+                "without tls_key",
+            ),
+            (
+                format!("[server]\ntls_key = \"/k\"\n{export}"),
+                "server.tls_key",
+                2,
+                "without tls_cert",
+            ),
+            (
+                format!("{psk_server}tls_ca = \"/ca\"\n{export}"),
+                "server.tls_ca",
+                4,
+                "needs a server certificate",
+            ),
+            (
+                format!("{export}tls_only = true\n"),
+                "export[0].tls_only",
+                4,
+                "tls is \"off\"",
+            ),
+            (
+                format!("{export}\nallow_clients = [\"CN=x\"]\n"),
+                "export[0].allow_clients",
+                5,
+                "tls is \"off\"",
+            ),
+            (
+                format!("{psk_server}{export}allow_clients = [\"PSK:a\",\n  \"CN=x\"]\n"),
+                "export[0].allow_clients[1]",
+                8,
+                "tls_ca (--tls-ca) is not set",
+            ),
+            (
+                format!("{cert_server}tls_ca = \"/ca\"\n{export}allow_clients = [\"PSK:a\"]\n"),
+                "export[0].allow_clients[0]",
+                9,
+                "tls_psk (--tls-psk) is not set",
+            ),
+        ];
+        for (text, key, line, message) in cases {
+            let error = located(&text);
+            assert_eq!(error.key.as_deref(), Some(key), "{text}: {error}");
+            let found = error.position.map(|(line, _)| line);
+            assert_eq!(found, Some(line), "{text}: {error}");
+            assert!(error.message.contains(message), "{text}: {error}");
+            assert!(
+                error.to_string().contains(&format!("line {line}")),
+                "{error}"
+            );
+        }
+        // Without TLS problems the same exports are fine.
+        let good = format!("{psk_server}{export}tls_only = true\nallow_clients = [\"PSK:a\"]\n");
+        let settings = settings_of(&good, &Overrides::default()).unwrap();
+        assert!(settings.config.exports[0].policy.requires_tls());
+    }
+
+    #[test]
+    fn tls_rules_broken_by_flags_name_the_flag() {
+        let export = "[[export]]\nname = \"a\"\npath = \"memory:1M\"\n";
+        let require = Overrides {
+            tls: Some(TlsMode::Require),
+            ..Overrides::default()
+        };
+        let error = settings_of(export, &require).unwrap_err();
+        let ResolveError::Message(message) = error else {
+            panic!("{error:?}")
+        };
+        assert!(message.starts_with("--tls: "), "{message}");
+        assert!(message.contains("needs credentials"), "{message}");
+        let no_file = Overrides {
+            exports: vec!["memory:1M".into()],
+            tls: Some(TlsMode::Require),
+            ..Overrides::default()
+        };
+        let error = resolve(None, &no_file, ENVIRONMENT)
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with("--tls: "), "{error}");
+        let ca = Overrides {
+            tls_ca: Some("/ca".into()),
+            ..Overrides::default()
+        };
+        let error = settings_of(export, &ca).unwrap_err().to_string();
+        assert!(error.starts_with("--tls-ca: "), "{error}");
+        // The file asks for TLS, a flag supplies the credentials: valid together.
+        let file = format!("[server]\ntls = \"require\"\n{export}");
+        let psk = Overrides {
+            tls_psk: Some("/p".into()),
+            ..Overrides::default()
+        };
+        assert_eq!(
+            settings_of(&file, &psk).unwrap().config.tls.psk,
+            Some("/p".into())
+        );
+        // A flag turning TLS off breaks a file's tls_only export: the export's line is named.
+        let file = format!("[server]\ntls = \"on\"\ntls_psk = \"/p\"\n{export}tls_only = true\n");
+        let off = Overrides {
+            tls: Some(TlsMode::Off),
+            ..Overrides::default()
+        };
+        let Err(ResolveError::File(error)) = settings_of(&file, &off) else {
+            panic!("expected a located error")
+        };
+        assert_eq!(error.key.as_deref(), Some("export[0].tls_only"));
+        assert_eq!(error.position.map(|(line, _)| line), Some(7));
+    }
+
+    #[test]
+    fn configs_built_in_code_are_checked_too() {
+        let mut file = parse(ACCESS, "ringbd.toml").unwrap();
+        file.source = None;
+        file.server.tls_psk = None;
+        file.server.tls_ca = None;
+        let error = resolve(Some(&file), &Overrides::default(), ENVIRONMENT)
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with("export[0].allow_clients[0]: "), "{error}");
+        let mut settings = settings_of(ACCESS, &Overrides::default()).unwrap();
+        assert_eq!(settings.config.validate(), Ok(()));
+        settings.config.tls.key = None;
+        assert!(settings.config.validate().unwrap_err().contains("tls_cert"));
+        settings.config.tls = TlsSettings::default();
+        let error = settings.config.validate().unwrap_err();
+        assert!(error.contains("export 'vm1': tls_only"), "{error}");
+        settings.config.exports[0].policy.tls_only = false;
+        settings.config.exports[0].policy.allow_clients = vec!["nonsense".into()];
+        let error = settings.config.validate().unwrap_err();
+        assert!(error.contains("client pattern 'nonsense'"), "{error}");
+        settings.config.exports[0].policy.allow_clients.clear();
+        settings.config.exports[0].policy.max_connections = Some(0);
+        assert!(settings.config.validate().is_err(), "0 is stored as None");
+    }
+
+    #[test]
+    fn the_effective_access_configuration_round_trips() {
+        let settings = settings_of(ACCESS, &Overrides::default()).unwrap();
+        let text = settings.to_toml();
+        for expected in [
+            "tls = \"require\"",
+            "tls_kernel = \"off\"",
+            "allow = [\"10.0.0.0/8\", \"::1/128\", \"192.168.0.0/16\"]",
+            "allow_clients = [\"CN=hv1.example\", \"PSK:alice\", \"DNS:hv2.example\"]",
+            "max_connections = 4",
+            "max_connections = 0",
+            "tls_only = true",
+        ] {
+            assert!(text.contains(expected), "{expected} missing:\n{text}");
+        }
+        let again = settings_of(&text, &Overrides::default()).unwrap();
+        assert_eq!(again.config.exports, settings.config.exports, "{text}");
+        assert_eq!(again.config.tls, settings.config.tls);
+        assert_eq!(
+            again.config.listener_policy,
+            settings.config.listener_policy
+        );
+        assert_eq!(again.to_toml(), text);
     }
 }

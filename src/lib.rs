@@ -20,6 +20,7 @@
 //! * [`shard`] drives a ring with the protocol engine; [`server`] owns listeners, the
 //!   acceptor and the shard threads.
 //! * [`config`] holds the limits; [`config_file`] the TOML file and how flags override it;
+//!   [`access`] decides which peers (addresses, unix uids, TLS identities) may connect;
 //!   [`metrics`] renders the statistics for Prometheus; [`systemd`] takes socket-activated
 //!   listeners and reports readiness; [`process`] writes the PID file and drops privileges.
 //!
@@ -27,6 +28,7 @@
 //! invariant behind every raw-pointer block.
 #![warn(missing_docs, missing_debug_implementations)]
 
+pub mod access;
 pub mod config;
 pub mod config_file;
 pub mod control;

@@ -10,8 +10,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use ringbd::config::{self, Config};
-use ringbd::config_file::{self, Environment, Overrides, Settings};
+use ringbd::access;
+use ringbd::config::{self, Config, KernelTls, TlsMode};
+use ringbd::config_file::{self, Environment, Overrides, ResolveError, Settings};
 use ringbd::faults::FaultSettings;
 use ringbd::process::{self, PidFile};
 use ringbd::ring::sys;
@@ -68,6 +69,17 @@ enum Commands {
   ringbd serve --config /etc/ringbd/ringbd.toml --metrics 127.0.0.1:9810 \\
         --pid-file /run/ringbd/ringbd.pid --user ringbd --group disk
       Prometheus on http://127.0.0.1:9810/metrics; run as ringbd:disk once set up
+  ringbd serve --tls require --tls-cert /etc/ringbd/server-cert.pem \\
+        --tls-key /etc/ringbd/server-key.pem --tls-ca /etc/ringbd/ca-cert.pem vm1=/srv/vm1.img
+      TLS only, client certificates required and verified against the CA
+      (nbdinfo 'nbds://host/vm1?tls-certificates=/etc/pki/nbd')
+  ringbd serve --tls require --tls-psk /etc/ringbd/keys.psk memory:1G
+      TLS with pre-shared keys from `psktool -u alice -p keys.psk`
+      (nbdinfo 'nbds://alice@host/?tls-psk-file=keys.psk')
+  ringbd serve --listen [::]:10809 --allow 10.0.0.0/8 --allow fd00::/8 \\
+        --unix /run/ringbd.sock --allow-uid qemu --allow-uid 0 vm1=/srv/vm1.img
+      TCP clients only from 10/8 and fd00::/8, unix clients only as qemu or root
+      (per-export allow, allow_uids, allow_clients, tls_only, max_connections: in --config)
 
 Under systemd socket activation (LISTEN_FDS), the inherited sockets are served and no
 default listener is added. See contrib/ringbd.service and contrib/ringbd.socket.")]
@@ -132,6 +144,37 @@ struct ServeArgs {
     /// Seconds a client may take to finish the handshake.
     #[arg(long, value_name = "SECONDS")]
     handshake_timeout_seconds: Option<u64>,
+    /// Default limit of clients per export (exports' own max_connections win); 0: unlimited.
+    #[arg(long, value_name = "N")]
+    export_max_connections: Option<u32>,
+    /// TLS (STARTTLS): off; on (offered, plaintext still served); require (every client
+    /// must start TLS). Default: off.
+    #[arg(long, value_enum, value_name = "MODE")]
+    tls: Option<TlsArg>,
+    /// Server certificate chain, PEM (with --tls-key).
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// Private key of --tls-cert, PEM.
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// CA certificates, PEM: require client certificates and verify them against these.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Pre-shared keys, one `identity:hexkey` per line (as `psktool` writes them).
+    #[arg(long, value_name = "FILE")]
+    tls_psk: Option<PathBuf>,
+    /// Kernel TLS offload after the handshake: auto (when the kernel and cipher allow it)
+    /// or off. Default: auto.
+    #[arg(long, value_enum, value_name = "MODE")]
+    tls_kernel: Option<KernelTlsArg>,
+    /// Accept TCP clients only from this network (repeatable): 10.0.0.0/8, fd00::/8 or a
+    /// bare address. Replaces the file's `allow`. Default: any address.
+    #[arg(long, value_name = "CIDR", value_parser = access::parse_net)]
+    allow: Vec<ipnet::IpNet>,
+    /// Accept unix-socket clients only from this user, uid or name (repeatable). Replaces
+    /// the file's `allow_uids`. Default: any user the socket's mode lets in.
+    #[arg(long = "allow-uid", value_name = "UID", value_parser = access::parse_uid)]
+    allow_uids: Vec<u32>,
     /// Serve Prometheus metrics on http://HOST:PORT/metrics.
     #[arg(long, value_name = "HOST:PORT")]
     metrics: Option<String>,
@@ -178,6 +221,24 @@ enum CacheArg {
     Direct,
     /// Buffered I/O through the page cache; FLUSH makes writes durable.
     Writeback,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum TlsArg {
+    /// No TLS.
+    Off,
+    /// TLS offered; plaintext clients are served too (except tls_only exports).
+    On,
+    /// Every client must use TLS.
+    Require,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum KernelTlsArg {
+    /// Kernel TLS when the kernel and the cipher allow it.
+    Auto,
+    /// Encrypt in user space.
+    Off,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -360,6 +421,22 @@ fn overrides(args: ServeArgs) -> Overrides {
         }),
         max_connections: args.max_connections,
         handshake_timeout_seconds: args.handshake_timeout_seconds,
+        tls: args.tls.map(|tls| match tls {
+            TlsArg::Off => TlsMode::Off,
+            TlsArg::On => TlsMode::On,
+            TlsArg::Require => TlsMode::Require,
+        }),
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+        tls_ca: args.tls_ca,
+        tls_psk: args.tls_psk,
+        tls_kernel: args.tls_kernel.map(|kernel| match kernel {
+            KernelTlsArg::Auto => KernelTls::Auto,
+            KernelTlsArg::Off => KernelTls::Off,
+        }),
+        allow: args.allow,
+        allow_uids: args.allow_uids,
+        export_max_connections: args.export_max_connections,
     }
 }
 
@@ -369,8 +446,13 @@ fn check_config(path: &std::path::Path) -> Result<(), Failure> {
         cores: online_cores(),
         socket_activated: false,
     };
-    let settings = config_file::resolve(Some(&file), &Overrides::default(), environment)
-        .map_err(|error| usage(format!("{}: {error}", path.display())))?;
+    let settings =
+        config_file::resolve(Some(&file), &Overrides::default(), environment).map_err(|error| {
+            match error {
+                ResolveError::File(located) => usage(located),
+                ResolveError::Message(message) => usage(format!("{}: {message}", path.display())),
+            }
+        })?;
     for warning in host_warnings(&settings) {
         eprintln!("ringbd: warning: {warning}");
     }
@@ -398,7 +480,49 @@ fn host_warnings(settings: &Settings) -> Vec<String> {
     {
         warnings.push(error);
     }
+    warnings.extend(tls_warnings(&settings.config.tls));
     warnings
+}
+
+/// TLS files this process cannot read, and TLS files given while TLS is off.
+fn tls_warnings(tls: &config::TlsSettings) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if tls.mode == TlsMode::Off && tls.has_files() {
+        warnings.push("tls_cert/tls_key/tls_ca/tls_psk are set but tls = \"off\": unused".into());
+    }
+    let files = [
+        ("tls_cert", &tls.cert),
+        ("tls_key", &tls.key),
+        ("tls_ca", &tls.ca),
+        ("tls_psk", &tls.psk),
+    ];
+    for (key, path) in files {
+        if let Some(path) = path
+            && let Err(error) = std::fs::File::open(path)
+        {
+            warnings.push(format!("{key}: {}: {error}", path.display()));
+        }
+    }
+    warnings
+}
+
+/// TLS and access control are configured and checked, but the data plane does not enforce
+/// them yet: refuse to start rather than serve without the protection asked for.
+/// (Integration: delete this check once the server applies `config.tls`,
+/// `config.listener_policy` and every export's `policy`.)
+fn refuse_unenforced_access(config: &Config) -> Result<(), String> {
+    let unenforced = config.tls.mode != TlsMode::Off
+        || !config.listener_policy.is_open()
+        || config.exports.iter().any(|export| !export.policy.is_open());
+    if unenforced {
+        return Err(
+            "TLS and access control (tls, allow, allow_uids, allow_clients, tls_only, \
+                    export max_connections) are not enforced by this build yet; remove them \
+                    to serve"
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 fn serve(args: ServeArgs) -> Result<(), Failure> {
@@ -408,6 +532,7 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
     let cli_faults = CliFaults::parse(&args).map_err(usage)?;
     let (mut settings, inherited, reloader) = settings_and_inherited_sockets(args, cli_faults)?;
     reloader.faults.apply(&mut settings.config).map_err(usage)?;
+    refuse_unenforced_access(&settings.config).map_err(usage)?;
     let identity = process::resolve_identity(settings.user.as_deref(), settings.group.as_deref())
         .map_err(usage)?;
     let config = &settings.config;
@@ -433,7 +558,10 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
     server.configure_faults(&faults)?;
     for signal in signals.forever() {
         match signal {
-            SIGHUP => match reloader.config() {
+            SIGHUP => match reloader.config().and_then(|config| {
+                refuse_unenforced_access(&config)?;
+                Ok(config)
+            }) {
                 Ok(config) => {
                     if let Err(error) = server.reload(&config) {
                         tracing::error!("SIGHUP: reload failed, keeping the exports: {error:#}");
@@ -595,5 +723,176 @@ fn report_memlock(config: &Config) {
              buffers. Fix: `ulimit -l unlimited`, LimitMEMLOCK=infinity in the systemd unit, \
              or a smaller --buffer-mib"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve_args(args: &[&str]) -> ServeArgs {
+        let cli = Cli::try_parse_from(["ringbd", "serve"].iter().chain(args))
+            .unwrap_or_else(|error| panic!("{error}"));
+        match cli.command {
+            Commands::Serve(args) => *args,
+            Commands::CheckConfig { .. } => unreachable!("serve was parsed"),
+        }
+    }
+
+    fn net(text: &str) -> ipnet::IpNet {
+        access::parse_net(text).unwrap()
+    }
+
+    #[test]
+    fn tls_and_access_flags_parse() {
+        let args = serve_args(&[
+            "--tls",
+            "require",
+            "--tls-cert",
+            "/c.pem",
+            "--tls-key",
+            "/k.pem",
+            "--tls-ca",
+            "/ca.pem",
+            "--tls-psk",
+            "/keys.psk",
+            "--tls-kernel",
+            "off",
+            "--allow",
+            "10.0.0.0/8",
+            "--allow",
+            "::1",
+            "--allow-uid",
+            "root",
+            "--allow-uid",
+            "1000",
+            "--export-max-connections",
+            "4",
+            "memory:1M",
+        ]);
+        let flags = overrides(args);
+        assert_eq!(flags.tls, Some(TlsMode::Require));
+        assert_eq!(flags.tls_cert, Some("/c.pem".into()));
+        assert_eq!(flags.tls_key, Some("/k.pem".into()));
+        assert_eq!(flags.tls_ca, Some("/ca.pem".into()));
+        assert_eq!(flags.tls_psk, Some("/keys.psk".into()));
+        assert_eq!(flags.tls_kernel, Some(KernelTls::Off));
+        assert_eq!(flags.allow, [net("10.0.0.0/8"), net("::1/128")]);
+        assert_eq!(flags.allow_uids, [0, 1000]);
+        assert_eq!(flags.export_max_connections, Some(4));
+        let plain = overrides(serve_args(&["memory:1M"]));
+        assert_eq!(plain.tls, None);
+        assert!(plain.allow.is_empty() && plain.allow_uids.is_empty());
+        for bad in [
+            &["--tls", "maybe"][..],
+            &["--tls-kernel", "on"],
+            &["--allow", "10.0.0.1/8"],
+            &["--allow", "nowhere"],
+            &["--allow-uid", "no-such-user-ringbd"],
+            &["--export-max-connections", "-1"],
+        ] {
+            let args = ["ringbd", "serve"].iter().chain(bad).chain(&["memory:1M"]);
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn sighup_keeps_the_tls_and_access_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ringbd.toml");
+        let file = |text: &str| std::fs::write(&path, text).unwrap();
+        file(
+            "[server]\nallow = [\"192.168.0.0/16\"]\n[[export]]\nname = \"a\"\npath = \"memory:1M\"\n",
+        );
+        let config = path.to_str().unwrap();
+        let args = serve_args(&[
+            "--config",
+            config,
+            "--tls",
+            "on",
+            "--tls-psk",
+            "/keys.psk",
+            "--allow",
+            "10.0.0.0/8",
+            "--export-max-connections",
+            "3",
+        ]);
+        let reloader = Reloader {
+            file: args.config.clone(),
+            overrides: overrides(args),
+            environment: Environment {
+                cores: 1,
+                socket_activated: false,
+            },
+            faults: CliFaults::default(),
+        };
+        let before = reloader.config().unwrap();
+        assert_eq!(before.tls.mode, TlsMode::On);
+        assert_eq!(before.listener_policy.allow, [net("10.0.0.0/8")]);
+        file(
+            "[server]\ntls = \"off\"\nallow_uids = [5]\n[[export]]\nname = \"b\"\n\
+              path = \"memory:1M\"\nallow_clients = [\"PSK:alice\"]\n\n[[export]]\n\
+              name = \"c\"\npath = \"memory:1M\"\nmax_connections = 9\n",
+        );
+        let after = reloader.config().unwrap();
+        assert_eq!(after.tls.mode, TlsMode::On, "--tls outlives the file");
+        assert_eq!(after.tls.psk, Some("/keys.psk".into()));
+        assert_eq!(after.listener_policy.allow, [net("10.0.0.0/8")]);
+        assert_eq!(after.listener_policy.allow_uids, [5], "from the new file");
+        let names: Vec<_> = after.exports.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["b", "c"]);
+        assert_eq!(after.exports[0].policy.allow_clients, ["PSK:alice"]);
+        assert_eq!(after.exports[0].policy.max_connections, Some(3));
+        assert_eq!(after.exports[1].policy.max_connections, Some(9));
+        assert!(
+            refuse_unenforced_access(&after).is_err(),
+            "not enforced yet"
+        );
+        file("[server]\ntls_cert = \"/c\"\n[[export]]\nname = \"a\"\npath = \"memory:1M\"\n");
+        let error = reloader.config().unwrap_err();
+        assert!(
+            error.contains("line 2") && error.contains("server.tls_cert"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn plain_configurations_are_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ringbd.toml");
+        std::fs::write(
+            &path,
+            "[server]\ntls_kernel = \"off\"\nexport_max_connections = 0\n\
+                               [[export]]\nname = \"a\"\npath = \"memory:1M\"\n",
+        )
+        .unwrap();
+        let reloader = Reloader {
+            file: Some(path),
+            overrides: Overrides::default(),
+            environment: Environment {
+                cores: 1,
+                socket_activated: false,
+            },
+            faults: CliFaults::default(),
+        };
+        assert_eq!(
+            refuse_unenforced_access(&reloader.config().unwrap()),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn help_shows_tls_and_access_examples() {
+        let mut command = command_line();
+        let serve = command.find_subcommand_mut("serve").unwrap();
+        let help = serve.render_long_help().to_string();
+        for expected in [
+            "--tls require --tls-cert",
+            "--tls-psk",
+            "--allow 10.0.0.0/8",
+            "--allow-uid",
+        ] {
+            assert!(help.contains(expected), "{expected} missing:\n{help}");
+        }
     }
 }

@@ -400,3 +400,30 @@ pub fn effective_uid() -> u32 {
     // SAFETY: geteuid takes no arguments and cannot fail.
     unsafe { libc::geteuid() }
 }
+
+/// The credentials of the process at the other end of a connected unix socket, as the kernel
+/// recorded them when it connected (`SO_PEERCRED`): `(uid, gid, pid)`. The uid and gid are the
+/// peer's effective ids at `connect` time; they cannot be forged by the peer.
+pub fn peer_credentials(fd: RawFd) -> io::Result<(u32, u32, i32)> {
+    let mut credentials = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut length = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `credentials` is a live ucred and `length` holds its true size; the kernel
+    // writes at most `length` bytes and returns EBADF/ENOTSOCK for a bad descriptor.
+    check(unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut credentials as *mut libc::ucred).cast(),
+            &mut length,
+        )
+    })?;
+    if length as usize != std::mem::size_of::<libc::ucred>() {
+        return Err(io::Error::other("SO_PEERCRED returned a short ucred"));
+    }
+    Ok((credentials.uid, credentials.gid, credentials.pid))
+}
