@@ -28,6 +28,7 @@
 
 pub mod fsstack;
 pub mod raw;
+pub mod tls;
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
