@@ -11,9 +11,10 @@
 //! Each connection snapshots the visible list when it is accepted (one read lock per
 //! connection, none per request).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
+use crate::access::{Denied, ExportPolicy};
 use crate::config::ExportSpec;
 use crate::faults::{FaultState, PowerLossConfig, UNDO_BYTES_MAX_DEFAULT};
 use crate::target::backend::FileBackend;
@@ -36,8 +37,13 @@ pub struct Export {
     pub backend: FileBackend,
     /// Injected faults and power-loss simulation.
     pub faults: FaultState,
-    /// The configuration it was opened from (a reload reuses the export when it is equal).
+    /// The configuration it was opened from (a reload reuses the export when it is equal
+    /// but for the access policy).
     pub spec: ExportSpec,
+    /// Who may use it: `spec.policy` at first, replaced by a reload that changes only it.
+    policy: RwLock<Arc<ExportPolicy>>,
+    /// Clients in the transmission phase on it (claimed at GO, released at close).
+    connections: AtomicU32,
 }
 
 impl Export {
@@ -65,13 +71,61 @@ impl Export {
                 seed = spec.faults.seed.unwrap_or(0), power_loss = ?spec.faults.power_loss,
                 "fault injection is ON");
         }
+        let policy = RwLock::new(Arc::new(spec.policy.clone()));
         Ok(Export {
             info,
             lenient,
             backend,
             faults,
             spec,
+            policy,
+            connections: AtomicU32::new(0),
         })
+    }
+
+    /// The access policy new clients are checked against.
+    pub fn policy(&self) -> Arc<ExportPolicy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .clone()
+    }
+
+    /// Replaces the access policy (reload); connections already admitted go on.
+    pub fn set_policy(&self, policy: ExportPolicy) {
+        *self
+            .policy
+            .write()
+            .unwrap_or_else(|poison| poison.into_inner()) = Arc::new(policy);
+    }
+
+    /// Takes a connection slot if the policy's `max_connections` allows one more client.
+    pub fn claim(&self) -> Result<(), Denied> {
+        let policy = self.policy();
+        let mut open = self.connections.load(Ordering::Relaxed);
+        loop {
+            policy.check_connections(open)?;
+            match self.connections.compare_exchange_weak(
+                open,
+                open + 1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(now) => open = now,
+            }
+        }
+    }
+
+    /// Gives back a slot taken by [`Export::claim`].
+    pub fn release(&self) {
+        let before = self.connections.fetch_sub(1, Ordering::AcqRel);
+        assert!(before > 0, "released a connection slot never claimed");
+    }
+
+    /// Clients currently in the transmission phase.
+    pub fn connections(&self) -> u32 {
+        self.connections.load(Ordering::Relaxed)
     }
 }
 

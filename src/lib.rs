@@ -37,6 +37,7 @@ pub mod faults;
 pub mod metrics;
 pub mod process;
 pub mod ring;
+pub mod security;
 pub mod server;
 pub mod shard;
 pub mod stats;

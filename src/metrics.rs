@@ -65,6 +65,8 @@ pub const LATENCY_BUCKETS: [(&str, u64); 19] = [
 pub struct ServerCounters {
     /// Connections closed at once because `max_connections` were open.
     pub connections_refused_total: u64,
+    /// Connections closed at once by the listener's access rules (`allow`, `allow_uids`).
+    pub connections_denied_total: u64,
     /// The configured `max_connections`.
     pub connections_max: usize,
 }
@@ -118,6 +120,12 @@ fn render_server(out: &mut String, snapshot: &ShardStats, server: &ServerCounter
             "counter",
             "Connections closed at once because max_connections were open.",
             server.connections_refused_total,
+        ),
+        (
+            "ringbd_connections_denied_total",
+            "counter",
+            "Connections closed before the greeting by the listener's access rules.",
+            server.connections_denied_total,
         ),
         (
             "ringbd_requests_in_flight",
@@ -456,12 +464,14 @@ mod tests {
         let (stats, exports) = sample();
         let server = ServerCounters {
             connections_refused_total: 4,
+            connections_denied_total: 5,
             connections_max: 64,
         };
         let text = render(&stats, &exports, &server);
         assert_eq!(value(&text, "ringbd_connections"), 2.0);
         assert_eq!(value(&text, "ringbd_connections_accepted_total"), 3.0);
         assert_eq!(value(&text, "ringbd_connections_refused_total"), 4.0);
+        assert_eq!(value(&text, "ringbd_connections_denied_total"), 5.0);
         assert_eq!(value(&text, "ringbd_connections_max"), 64.0);
         assert_eq!(value(&text, "ringbd_requests_in_flight"), 1.0);
         let read = r#"{export="vm1",op="read"}"#;

@@ -22,7 +22,7 @@
 //! removed at exit; inherited (socket-activated) ones are neither.
 
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -34,10 +34,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use crossbeam_channel::Sender;
 
+use crate::access::Peer;
 use crate::config::{Config, ExportSpec, Listen};
 use crate::exports::Exports;
 use crate::metrics::{self, MetricsServer, ServerCounters};
 use crate::ring::sys;
+use crate::security::{Security, SecurityCell};
 use crate::shard::{self, Export, NewConn, ShardLoad, Shared, Socket};
 use crate::target::backend::{FileBackend, OpenOptions, Source};
 use crate::target::export::ExportInfo;
@@ -85,17 +87,18 @@ impl Listener {
     fn accept(&self) -> std::io::Result<NewConn> {
         match self {
             Listener::Tcp(listener) => {
-                let (stream, peer) = listener.accept()?;
+                let (stream, address) = listener.accept()?;
                 Ok(NewConn {
                     socket: Socket::Tcp(stream),
-                    peer: peer.to_string(),
+                    peer: Peer::tcp(address),
                 })
             }
-            Listener::Unix { listener, path, .. } => {
+            Listener::Unix { listener, .. } => {
                 let (stream, _) = listener.accept()?;
+                let peer = Peer::unix(stream.as_fd())?;
                 Ok(NewConn {
                     socket: Socket::Unix(stream),
-                    peer: format!("unix:{}", path.display()),
+                    peer,
                 })
             }
         }
@@ -229,7 +232,12 @@ fn create_if_missing(path: &Path, bytes: u64) -> Result<bool> {
 pub fn open_exports(config: &Config, registry: &Exports) -> Result<Vec<usize>> {
     let mut ids = Vec::new();
     for spec in &config.exports {
-        if let Some(existing) = registry.iter().find(|export| export.spec == *spec) {
+        let reusable = |export: &&Export| export.spec.same_except_policy(spec);
+        if let Some(existing) = registry.iter().find(reusable) {
+            if *existing.policy() != spec.policy {
+                tracing::info!(export = %spec.name, "access policy changed");
+                existing.set_policy(spec.policy.clone());
+            }
             ids.push(existing.info.id);
             continue;
         }
@@ -323,6 +331,7 @@ fn spawn_shards(config: &Config, shared: &Arc<Shared>) -> Result<Vec<ShardThread
 #[derive(Debug, Default)]
 struct AcceptCounters {
     refused_total: AtomicU64,
+    denied_total: AtomicU64,
 }
 
 /// A running server: stop it with [`Server::stop`].
@@ -360,8 +369,10 @@ pub fn start_with(
     let exports = Exports::default();
     let visible = open_exports(config, &exports)?;
     exports.set_visible(&visible);
+    let security = Security::load(config).map_err(anyhow::Error::msg)?;
     let shared = Arc::new(Shared {
         exports,
+        security: SecurityCell::new(security),
         stopping: Default::default(),
         queue_depth: config.queue_depth,
         pool_bytes: config.buffer_mib << 20,
@@ -464,10 +475,16 @@ impl Acceptor {
     }
 
     fn place(&self, conn: NewConn, refused_log: &mut RefusedLog) {
+        let security = self.shared.security.current();
+        if let Err(denied) = security.listener.admit(&conn.peer) {
+            self.counters.denied_total.fetch_add(1, Ordering::Relaxed);
+            refused_log.denied(&conn.peer, &denied);
+            return;
+        }
         let open = self.open_connections();
         if open >= self.max_connections {
             self.counters.refused_total.fetch_add(1, Ordering::Relaxed);
-            refused_log.refused(&conn.peer, open, self.max_connections);
+            refused_log.refused(&conn.peer.to_string(), open, self.max_connections);
             drop(conn);
             return;
         }
@@ -506,6 +523,24 @@ impl RefusedLog {
         self.last = Some(now);
         self.suppressed = 0;
     }
+
+    /// A peer the listener-wide rules (`allow`, `allow_uids`) keep out.
+    fn denied(&mut self, peer: &Peer, denied: &crate::access::Denied) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) < REFUSED_LOG_INTERVAL)
+        {
+            self.suppressed += 1;
+            return;
+        }
+        tracing::warn!(
+            %peer, reason = %denied, also_refused = self.suppressed,
+            "connection refused by the listener's access rules"
+        );
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
 }
 
 impl Server {
@@ -526,8 +561,10 @@ impl Server {
     pub fn reload(&mut self, config: &Config) -> Result<()> {
         let exports = &self.shared.exports;
         let before: Vec<usize> = exports.visible().iter().map(|info| info.id).collect();
+        let security = Security::load(config).map_err(anyhow::Error::msg)?;
         let ids = open_exports(config, exports)?;
         exports.set_visible(&ids);
+        self.shared.security.replace(security);
         let added: Vec<&str> = ids
             .iter()
             .filter(|id| !before.contains(id))
@@ -555,6 +592,7 @@ impl Server {
         let render = move || {
             let server = ServerCounters {
                 connections_refused_total: counters.refused_total.load(Ordering::Relaxed),
+                connections_denied_total: counters.denied_total.load(Ordering::Relaxed),
                 connections_max: max_connections,
             };
             let infos = shared.exports.infos();

@@ -33,16 +33,18 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 use slab::Slab;
 
+use crate::access::{Anonymous, ClientIdentity, Denied, Peer};
 use crate::config::{RECV_BUFFER_BYTES, RING_ENTRIES, SHUTDOWN_GRACE_SECONDS};
 pub use crate::exports::Export;
 use crate::exports::Exports;
 use crate::faults::Durable;
 use crate::ring::{Buf, Completion, Ring, RingConfig, RingError, SendBatch};
+use crate::security::SecurityCell;
 use crate::stats::{self, ShardStats, StatsHub};
 use crate::target::codec::{self, Extent, ReplyHead, ReplyStyle};
 use crate::target::export::ExportInfo;
 use crate::target::fault::FaultOp;
-use crate::target::handshake::{Event, Handshake, HandshakeConfig, Session};
+use crate::target::handshake::{Access, Event, Gate, Handshake, HandshakeConfig, Session};
 use crate::target::proto::{self, NbdErrno};
 use crate::target::validate::{self, Command, Verdict};
 
@@ -61,6 +63,8 @@ const ZERO_CHUNK_BYTES: usize = 1 << 20;
 pub struct Shared {
     /// Every export by id, and the list new clients may choose from.
     pub exports: Exports,
+    /// TLS and listener-wide access rules for new connections.
+    pub security: SecurityCell,
     /// Set once on SIGTERM/SIGINT.
     pub stopping: AtomicBool,
     /// In-flight requests allowed per connection.
@@ -103,8 +107,8 @@ impl Socket {
 pub struct NewConn {
     /// The accepted socket.
     pub socket: Socket,
-    /// Peer address, for logs.
-    pub peer: String,
+    /// Who connected (access checks, logs).
+    pub peer: Peer,
 }
 
 /// What a shard exposes to the acceptor.
@@ -152,7 +156,12 @@ struct Conn {
     socket: Socket,
     fd: RawFd,
     generation: u64,
+    /// Who connected, as text for logs.
     peer: String,
+    /// Who connected, for access checks.
+    who: Peer,
+    /// Export whose connection slot this client holds (released when it closes).
+    claimed: Option<usize>,
     phase: Phase,
     rbuf: Option<Buf>,
     rstart: usize,
@@ -391,7 +400,9 @@ impl Shard {
                 continue;
             };
             self.generation += 1;
-            let handshake = Box::new(Handshake::new(HandshakeConfig::default()));
+            let security = self.shared.security.current();
+            let config = HandshakeConfig { tls: security.mode };
+            let handshake = Box::new(Handshake::new(config));
             let mut greeting = Vec::with_capacity(32);
             handshake.greeting(&mut greeting);
             let fd = new.socket.fd();
@@ -399,7 +410,9 @@ impl Shard {
                 socket: new.socket,
                 fd,
                 generation: self.generation,
-                peer: new.peer,
+                peer: new.peer.to_string(),
+                who: new.peer,
+                claimed: None,
                 phase: Phase::Handshake(handshake),
                 rbuf: Some(rbuf),
                 rstart: 0,
@@ -604,7 +617,15 @@ impl Shard {
         let rbuf = conn.rbuf.as_ref().expect("receive buffer present");
         let input = &self.ring.pool().bytes(rbuf)[conn.rstart..conn.rend];
         let mut reply = Vec::new();
-        let (consumed, event) = handshake.advance(input, &conn.offered, &mut reply);
+        let mut gate = ConnGate {
+            shard: self.index,
+            exports: &self.shared.exports,
+            peer: &conn.who,
+            identity: None,
+            claimed: &mut conn.claimed,
+        };
+        let (consumed, event) =
+            handshake.advance_gated(input, &conn.offered, &mut gate, &mut reply);
         assert!(consumed <= input.len());
         conn.rstart += consumed;
         if !reply.is_empty() {
@@ -1370,6 +1391,9 @@ impl Shard {
             return;
         }
         let mut conn = self.conns.remove(key);
+        if let Some(export) = conn.claimed.take() {
+            self.shared.exports[export].release();
+        }
         let pool = self.ring.pool_mut();
         if let Some(buf) = conn.rbuf.take() {
             pool.check_in(buf);
@@ -1381,6 +1405,55 @@ impl Shard {
         }
         self.load.connections.fetch_sub(1, Ordering::Relaxed);
         self.stats.connections -= 1;
+    }
+}
+
+/// A connection's admission decisions during the handshake: the export's access policy for
+/// this peer (and TLS identity), and its connection limit.
+struct ConnGate<'a> {
+    shard: usize,
+    exports: &'a Exports,
+    peer: &'a Peer,
+    /// The client's TLS identity once TLS is up (`None`: none presented).
+    identity: Option<&'a dyn ClientIdentity>,
+    claimed: &'a mut Option<usize>,
+}
+
+impl ConnGate<'_> {
+    fn check(&self, export: &ExportInfo, tls: bool) -> Result<(), Denied> {
+        let identity = tls.then(|| self.identity.unwrap_or(&Anonymous));
+        self.exports[export.id].policy().admit(self.peer, identity)
+    }
+}
+
+impl Gate for ConnGate<'_> {
+    fn access(&self, export: &ExportInfo, tls: bool) -> Access {
+        match self.check(export, tls) {
+            Ok(()) => Access::Allowed,
+            Err(Denied::TlsRequired) => Access::TlsRequired,
+            Err(Denied::Address(_)) => Access::Forbidden("client address not allowed"),
+            Err(Denied::Uid(_)) => Access::Forbidden("client uid not allowed"),
+            Err(Denied::ClientIdentity) => Access::Forbidden("client TLS identity not allowed"),
+            Err(_) => Access::Forbidden("access denied"),
+        }
+    }
+
+    fn claim(&mut self, export: &ExportInfo) -> Result<(), &'static str> {
+        assert!(self.claimed.is_none(), "one export per connection");
+        if let Err(denied) = self.exports[export.id].claim() {
+            tracing::warn!(shard = self.shard, peer = %self.peer, export = %export.name,
+                reason = %denied, "export refused");
+            return Err("export connection limit reached");
+        }
+        *self.claimed = Some(export.id);
+        Ok(())
+    }
+
+    fn refused(&mut self, export: &ExportInfo, tls: bool) {
+        if let Err(reason) = self.check(export, tls) {
+            tracing::warn!(shard = self.shard, peer = %self.peer, export = %export.name,
+                %reason, "export refused");
+        }
     }
 }
 

@@ -104,6 +104,9 @@ pub trait Gate {
     /// An error (for example a full per-export connection limit) refuses the GO with
     /// `NBD_REP_ERR_POLICY` and this reason. A successful claim is followed by `Done`.
     fn claim(&mut self, export: &ExportInfo) -> Result<(), &'static str>;
+    /// INFO, GO, EXPORT_NAME or a meta context option named `export` and was refused by
+    /// [`Gate::access`] (for the caller's logs; LIST filtering does not call this).
+    fn refused(&mut self, _export: &ExportInfo, _tls: bool) {}
 }
 
 /// A gate that admits everyone to everything (tests, fuzzing, the default listener).
@@ -311,17 +314,20 @@ impl Handshake {
     fn lookup<'a>(
         &self,
         exports: &'a [ExportInfo],
-        gate: &dyn Gate,
+        gate: &mut dyn Gate,
         name: &[u8],
     ) -> Result<&'a ExportInfo, (u32, &'static str)> {
         let Some(export) = find_export(exports, name) else {
             return Err((NBD_REP_ERR_UNKNOWN, "unknown export"));
         };
-        match gate.access(export, self.tls) {
-            Access::Allowed => Ok(export),
-            Access::TlsRequired => Err((NBD_REP_ERR_TLS_REQD, "export requires TLS")),
-            Access::Forbidden(reason) => Err((NBD_REP_ERR_POLICY, reason)),
-        }
+        let access = gate.access(export, self.tls);
+        let refusal = match access {
+            Access::Allowed => return Ok(export),
+            Access::TlsRequired => (NBD_REP_ERR_TLS_REQD, "export requires TLS"),
+            Access::Forbidden(reason) => (NBD_REP_ERR_POLICY, reason),
+        };
+        gate.refused(export, self.tls);
+        Err(refusal)
     }
 
     fn reply_style(&self) -> ReplyStyle {
@@ -698,7 +704,7 @@ impl Handshake {
         option: u32,
         payload: &[u8],
         exports: &[ExportInfo],
-        gate: &dyn Gate,
+        gate: &mut dyn Gate,
         out: &mut Vec<u8>,
     ) {
         if !self.structured && !self.extended {
