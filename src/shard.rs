@@ -46,6 +46,7 @@ use crate::target::export::ExportInfo;
 use crate::target::fault::FaultOp;
 use crate::target::handshake::{Access, Event, Gate, Handshake, HandshakeConfig, Session};
 use crate::target::proto::{self, NbdErrno};
+use crate::target::sparse::{self, ReadChunks};
 use crate::target::validate::{self, Command, Verdict};
 
 // Every handshake option the protocol engine buffers must fit a connection's receive buffer.
@@ -142,7 +143,22 @@ enum Out {
     Head(ReplyHead),
     Data(ReplyHead, Buf, usize, usize),
     Bytes(Vec<u8>, bool),
+    Sparse(SparseRead),
 }
+
+/// A READ reply of several data and hole chunks; data chunks are ranges of `buf`.
+#[derive(Debug)]
+struct SparseRead {
+    style: ReplyStyle,
+    cookie: u64,
+    offset: u64,
+    chunks: ReadChunks,
+    buf: Buf,
+    skip: usize,
+}
+
+// A sparse reply always fits an empty send batch (a header and a data run per chunk).
+const _: () = assert!(2 * sparse::READ_CHUNKS_MAX <= crate::ring::SEND_IOVECS_MAX);
 
 #[derive(Debug)]
 struct Payload {
@@ -235,6 +251,8 @@ struct Request {
     buf: Option<Buf>,
     fua: bool,
     fast: bool,
+    /// READ with `NBD_CMD_FLAG_DF`: one content chunk.
+    df: bool,
     mode: i32,
     /// Injected delay still to wait before the operation is submitted.
     delay: Option<Duration>,
@@ -798,12 +816,13 @@ impl Shard {
             buf: None,
             fua: false,
             fast: false,
+            df: false,
             mode: 0,
             delay,
             power_counted: false,
         };
         match command {
-            Command::Read { offset, length, .. } => {
+            Command::Read { offset, length, df } => {
                 let (fd, file_offset, span, skip) = backend.read_plan(offset, length);
                 let Some(buf) = self.check_out(key, span as usize) else {
                     return false;
@@ -814,6 +833,7 @@ impl Shard {
                     file_offset,
                     length,
                     buf: Some(buf),
+                    df,
                     ..new
                 };
                 new.span = span as usize;
@@ -1258,10 +1278,8 @@ impl Shard {
         let (cookie, offset) = (request.cookie, request.offset);
         let out = match outcome {
             Ok(()) if request.op == Op::Read => {
-                let head =
-                    codec::reply_read_data(style, cookie, offset, offset, request.length, true);
                 let buf = request.buf.take().expect("read buffer");
-                Out::Data(head, buf, request.skip, request.length as usize)
+                self.read_reply(style, &request, buf)
             }
             Ok(()) => Out::Head(codec::reply_ok(style, cookie, offset)),
             Err(errno) => Out::Head(codec::reply_error(style, cookie, offset, errno)),
@@ -1270,6 +1288,47 @@ impl Shard {
             self.ring.pool_mut().check_in(buf);
         }
         self.queue_reply(request.conn, out);
+    }
+
+    /// The reply to a successful READ. With structured replies, runs of zero blocks go out
+    /// as `OFFSET_HOLE` chunks (`target::sparse`); data chunks stay ranges of `buf`.
+    fn read_reply(&mut self, style: ReplyStyle, request: &Request, buf: Buf) -> Out {
+        let (cookie, offset, skip) = (request.cookie, request.offset, request.skip);
+        let length = request.length as usize;
+        let chunks = match style {
+            ReplyStyle::Simple => None,
+            _ => {
+                let chunks_max = if request.df {
+                    1
+                } else {
+                    sparse::READ_CHUNKS_MAX
+                };
+                let data = &self.ring.pool().bytes(&buf)[skip..skip + length];
+                Some(sparse::plan_read(data, offset, chunks_max))
+            }
+        };
+        match chunks {
+            Some(chunks) if chunks.is_all_hole() => {
+                self.ring.pool_mut().check_in(buf);
+                let length = length as u64;
+                Out::Head(codec::reply_read_hole(
+                    style, cookie, offset, offset, length, true,
+                ))
+            }
+            Some(chunks) if !chunks.is_all_data() => Out::Sparse(SparseRead {
+                style,
+                cookie,
+                offset,
+                chunks,
+                buf,
+                skip,
+            }),
+            _ => {
+                let head =
+                    codec::reply_read_data(style, cookie, offset, offset, length as u64, true);
+                Out::Data(head, buf, skip, length)
+            }
+        }
     }
 
     fn drop_request(&mut self, request_key: usize) {
@@ -1318,6 +1377,14 @@ impl Shard {
                 Out::Bytes(bytes, is_reply) => {
                     batch.push_bytes(&bytes);
                     replies += usize::from(is_reply);
+                }
+                Out::Sparse(read) if !batch.has_room(sparse_runs(&read.chunks)) => {
+                    conn.out.push_front(Out::Sparse(read));
+                    break;
+                }
+                Out::Sparse(read) => {
+                    push_sparse(&mut batch, read);
+                    replies += 1;
                 }
             }
         }
@@ -1399,8 +1466,11 @@ impl Shard {
             pool.check_in(buf);
         }
         for out in conn.out.drain(..) {
-            if let Out::Data(_, buf, _, _) = out {
-                pool.check_in(buf);
+            match out {
+                Out::Data(_, buf, _, _) | Out::Sparse(SparseRead { buf, .. }) => {
+                    pool.check_in(buf);
+                }
+                Out::Head(_) | Out::Bytes(..) => {}
             }
         }
         self.load.connections.fetch_sub(1, Ordering::Relaxed);
@@ -1455,6 +1525,41 @@ impl Gate for ConnGate<'_> {
                 %reason, "export refused");
         }
     }
+}
+
+/// Iovecs a sparse READ reply takes: a header per chunk, and the data of each data chunk.
+fn sparse_runs(chunks: &ReadChunks) -> usize {
+    chunks.len() + chunks.iter().filter(|chunk| !chunk.hole).count()
+}
+
+/// Appends a sparse READ reply: chunk headers, with data chunks pointing into the read
+/// buffer (no copy); the last chunk carries `NBD_REPLY_FLAG_DONE`.
+fn push_sparse(batch: &mut SendBatch, read: SparseRead) {
+    let SparseRead {
+        style,
+        cookie,
+        offset,
+        chunks,
+        buf,
+        skip,
+    } = read;
+    let mut buf = Some(buf);
+    let last = chunks.len() - 1;
+    for (index, chunk) in chunks.iter().enumerate() {
+        let (at, len, done) = (chunk.at as u64, chunk.len as u64, index == last);
+        if chunk.hole {
+            let head = codec::reply_read_hole(style, cookie, offset, offset + at, len, done);
+            batch.push_bytes(head.as_bytes());
+            continue;
+        }
+        let head = codec::reply_read_data(style, cookie, offset, offset + at, len, done);
+        batch.push_bytes(head.as_bytes());
+        match buf.take() {
+            Some(buf) => batch.push_buf(buf, skip + chunk.at, chunk.len),
+            None => batch.push_buf_range(skip + chunk.at, chunk.len),
+        }
+    }
+    assert!(buf.is_none(), "a sparse reply has a data chunk");
 }
 
 fn set_nodelay(socket: &Socket) {

@@ -586,6 +586,18 @@ impl SendBatch {
         }
     }
 
+    /// Appends another range of the buffer pushed last (chunked READ replies send several
+    /// ranges of one buffer); the batch already owns that buffer.
+    pub fn push_buf_range(&mut self, at: usize, len: usize) {
+        assert!(self.has_room(1));
+        let index = self.bufs.len().checked_sub(1).expect("a buffer was pushed");
+        assert!(at + len <= self.bufs[index].capacity());
+        if len > 0 {
+            self.parts.push(Part::Buf { index, at, len });
+            self.total_bytes += len;
+        }
+    }
+
     /// After the send completed: empties the batch, handing back the buffers it owned.
     pub fn take_bufs(&mut self) -> std::vec::Drain<'_, Buf> {
         self.bytes.clear();

@@ -13,5 +13,6 @@ pub mod export;
 pub mod fault;
 pub mod handshake;
 pub mod proto;
+pub mod sparse;
 pub mod validate;
 pub mod volatile;
