@@ -40,3 +40,4 @@ pub mod shard;
 pub mod stats;
 pub mod systemd;
 pub mod target;
+pub mod tls;
