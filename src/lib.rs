@@ -43,3 +43,4 @@ pub mod shard;
 pub mod stats;
 pub mod systemd;
 pub mod target;
+pub mod tls;

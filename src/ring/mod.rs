@@ -22,6 +22,7 @@
 #![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
 pub mod buf;
+pub mod ktls;
 pub mod sys;
 pub mod token;
 
