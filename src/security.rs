@@ -6,28 +6,52 @@
 use std::sync::{Arc, RwLock};
 
 use crate::access::ListenerPolicy;
-use crate::config::{Config, TlsMode};
+use crate::config::{Config, KernelTls, TlsMode};
 use crate::target::handshake::TlsPolicy;
+use crate::tls::{TlsContext, TlsPaths};
 
 /// The admission settings of one generation of the configuration.
 #[derive(Debug, Default)]
 pub struct Security {
     /// STARTTLS policy of the handshake.
     pub mode: TlsPolicy,
+    /// Credentials, when TLS is on or required.
+    pub tls: Option<TlsContext>,
+    /// Whether established sessions move into the kernel (kTLS) when it can take them.
+    pub kernel: KernelTls,
     /// Who may connect at all (checked before the greeting).
     pub listener: ListenerPolicy,
 }
 
 impl Security {
-    /// Builds the settings of `config`.
+    /// Builds the settings of `config`, reading the TLS credential files (all or nothing:
+    /// an error names the option and the file).
     pub fn load(config: &Config) -> Result<Security, String> {
-        let mode = match config.tls.mode {
+        let settings = &config.tls;
+        let mode = match settings.mode {
             TlsMode::Off => TlsPolicy::Off,
             TlsMode::On => TlsPolicy::On,
             TlsMode::Require => TlsPolicy::Require,
         };
+        let tls = match mode {
+            TlsPolicy::Off => None,
+            TlsPolicy::On | TlsPolicy::Require => {
+                let paths = TlsPaths {
+                    cert: settings.cert.clone(),
+                    key: settings.key.clone(),
+                    ca: settings.ca.clone(),
+                    psk: settings.psk.clone(),
+                };
+                let context = TlsContext::load(&paths).map_err(|error| error.to_string())?;
+                tracing::info!(mode = settings.mode.as_str(), credentials = %context.describe(),
+                    kernel = settings.kernel.as_str(), "TLS enabled");
+                Some(context)
+            }
+        };
         Ok(Security {
             mode,
+            tls,
+            kernel: settings.kernel,
             listener: config.listener_policy.clone(),
         })
     }

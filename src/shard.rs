@@ -39,7 +39,8 @@ pub use crate::exports::Export;
 use crate::exports::Exports;
 use crate::faults::Durable;
 use crate::ring::{Buf, Completion, Ring, RingConfig, RingError, SendBatch};
-use crate::security::SecurityCell;
+use crate::security::{Security, SecurityCell};
+use crate::tls::Identity;
 use crate::stats::{self, ShardStats, StatsHub};
 use crate::target::codec::{self, Extent, ReplyHead, ReplyStyle};
 use crate::target::export::ExportInfo;
@@ -103,6 +104,8 @@ impl Socket {
     }
 }
 
+mod tls;
+
 /// A connection handed from the acceptor to a shard.
 #[derive(Debug)]
 pub struct NewConn {
@@ -125,6 +128,8 @@ enum Ctx {
     Recv(usize),
     Payload(usize),
     Send(usize),
+    TlsRecv(usize),
+    TlsSend(usize),
     Io(usize),
     HandshakeTimer(usize, u64),
     StopTimer,
@@ -144,6 +149,8 @@ enum Out {
     Data(ReplyHead, Buf, usize, usize),
     Bytes(Vec<u8>, bool),
     Sparse(SparseRead),
+    /// Everything before this left in plaintext (the STARTTLS ACK); encrypt what follows.
+    StartTls,
 }
 
 /// A READ reply of several data and hole chunks; data chunks are ranges of `buf`.
@@ -176,6 +183,14 @@ struct Conn {
     peer: String,
     /// Who connected, for access checks.
     who: Peer,
+    /// TLS and access settings in force when it was accepted.
+    security: Arc<Security>,
+    /// User-space TLS, from STARTTLS until the connection closes or moves to kernel TLS.
+    tls: Option<Box<tls::TlsLink>>,
+    /// The client's TLS identity, once TLS is up.
+    identity: Option<Identity>,
+    /// TLS is up (in user space or in the kernel).
+    encrypted: bool,
     /// Export whose connection slot this client holds (released when it closes).
     claimed: Option<usize>,
     phase: Phase,
@@ -363,6 +378,8 @@ impl Shard {
             Ctx::Recv(key) => self.recv_done(key, result, resources.into_buf()),
             Ctx::Payload(key) => self.payload_done(key, result, resources.into_buf()),
             Ctx::Send(key) => self.send_done(key, result, resources.into_batch()),
+            Ctx::TlsRecv(key) => self.tls_recv_done(key, result, resources.into_buf()),
+            Ctx::TlsSend(key) => self.tls_send_done(key, result, resources.into_batch()),
             Ctx::Io(key) => self.io_done(key, result, resources),
             Ctx::HandshakeTimer(key, generation) => {
                 let expired = self.conns.get(key).is_some_and(|conn| {
@@ -430,6 +447,10 @@ impl Shard {
                 generation: self.generation,
                 peer: new.peer.to_string(),
                 who: new.peer,
+                security,
+                tls: None,
+                identity: None,
+                encrypted: false,
                 claimed: None,
                 phase: Phase::Handshake(handshake),
                 rbuf: Some(rbuf),
@@ -487,6 +508,10 @@ impl Shard {
     fn post_recv(&mut self, key: usize) {
         let conn = &mut self.conns[key];
         if conn.recv_busy || conn.closing || conn.stop_reading {
+            return;
+        }
+        if conn.tls.is_some() {
+            self.tls_post_recv(key);
             return;
         }
         if let Some(payload) = &conn.payload {
@@ -567,13 +592,39 @@ impl Shard {
     /// is resumed by `send_done` or `retry_waiting`, never by a receive: a client may be
     /// waiting for replies before it sends more.
     fn process_input(&mut self, key: usize) {
+        loop {
+            if !self.parse_input(key) || !self.conns.contains(key) {
+                return;
+            }
+            if self.conns[key].tls.is_some() {
+                match self.tls_pump(key) {
+                    tls::Pump::Plaintext => continue,
+                    tls::Pump::Idle => {}
+                    tls::Pump::Closed => return,
+                }
+            }
+            self.post_recv(key);
+            return;
+        }
+    }
+
+    /// One parsing pass over the buffered input; true when it stopped for want of bytes.
+    fn parse_input(&mut self, key: usize) -> bool {
         let mut need_input = false;
         loop {
             let Some(conn) = self.conns.get_mut(key) else {
-                return;
+                return false;
             };
             if conn.recv_busy || conn.closing || conn.stop_reading {
-                return;
+                return false;
+            }
+            if conn.payload.is_some() && conn.tls.is_some() {
+                // Decrypted payload bytes sit in the receive buffer: copy them over.
+                if self.tls_payload_step(key) {
+                    continue;
+                }
+                need_input = true;
+                break;
             }
             if conn.payload.is_some() {
                 need_input = true;
@@ -605,10 +656,8 @@ impl Shard {
         }
         if self.conns.contains(key) {
             self.compact(key);
-            if need_input {
-                self.post_recv(key);
-            }
         }
+        need_input
     }
 
     fn compact(&mut self, key: usize) {
@@ -639,7 +688,10 @@ impl Shard {
             shard: self.index,
             exports: &self.shared.exports,
             peer: &conn.who,
-            identity: None,
+            identity: conn
+                .identity
+                .as_ref()
+                .map(|identity| identity as &dyn ClientIdentity),
             claimed: &mut conn.claimed,
         };
         let (consumed, event) =
@@ -649,6 +701,7 @@ impl Shard {
         if !reply.is_empty() {
             conn.out.push_back(Out::Bytes(reply, false));
         }
+        let mut start_tls = false;
         let step = match event {
             Event::NeedMore if consumed > 0 => Step::Progress,
             Event::NeedMore => Step::NeedInput,
@@ -656,7 +709,9 @@ impl Shard {
                 tracing::info!(
                     shard = self.index, peer = %conn.peer,
                     export = %self.shared.exports[session.export_id].info.name,
-                    style = ?session.reply_style, "client connected"
+                    style = ?session.reply_style, tls = conn.encrypted,
+                    identity = conn.identity.as_ref().map(Identity::describe),
+                    "client connected"
                 );
                 conn.export = session.export_id;
                 conn.epoch = self.shared.exports[session.export_id].faults.epoch();
@@ -666,10 +721,8 @@ impl Shard {
                 Step::Progress
             }
             Event::StartTls => {
-                // The listener never offers TLS without a TLS context (wired in later).
-                conn.stop_reading = true;
-                conn.close_when_idle = true;
-                Step::Blocked
+                start_tls = true;
+                Step::NeedInput
             }
             Event::Close(reason) => {
                 tracing::debug!(shard = self.index, peer = %conn.peer, reason, "handshake ended");
@@ -683,6 +736,7 @@ impl Shard {
             conn.stop_reading = true;
             conn.close_when_idle = true;
         }
+        let step = if start_tls { self.start_tls(key) } else { step };
         self.kick_send(key);
         self.maybe_finish(key);
         if self.conns.contains(key) {
@@ -1353,44 +1407,26 @@ impl Shard {
 
     fn kick_send(&mut self, key: usize) {
         let conn = &mut self.conns[key];
+        if conn.tls.as_ref().is_some_and(|link| link.active) {
+            self.tls_send(key);
+            return;
+        }
         if conn.closing || conn.out.is_empty() {
             return;
         }
         let Some(mut batch) = conn.batch.take() else {
             return;
         };
-        let mut replies = 0;
-        while batch.has_room(2) {
-            let Some(out) = conn.out.pop_front() else {
-                break;
-            };
-            match out {
-                Out::Head(head) => {
-                    batch.push_bytes(head.as_bytes());
-                    replies += 1;
-                }
-                Out::Data(head, buf, at, len) => {
-                    batch.push_bytes(head.as_bytes());
-                    batch.push_buf(buf, at, len);
-                    replies += 1;
-                }
-                Out::Bytes(bytes, is_reply) => {
-                    batch.push_bytes(&bytes);
-                    replies += usize::from(is_reply);
-                }
-                Out::Sparse(read) if !batch.has_room(sparse_runs(&read.chunks)) => {
-                    conn.out.push_front(Out::Sparse(read));
-                    break;
-                }
-                Out::Sparse(read) => {
-                    push_sparse(&mut batch, read);
-                    replies += 1;
-                }
-            }
+        let filled = fill_batch(&mut conn.out, &mut batch);
+        conn.batch_replies = filled.replies;
+        if filled.start_tls {
+            conn.tls.as_mut().expect("STARTTLS set up a TLS link").active = true;
         }
-        conn.batch_replies = replies;
         if batch.is_empty() {
             conn.batch = Some(batch);
+            if filled.start_tls {
+                self.tls_send(key);
+            }
             return;
         }
         self.ring.send_batch(conn.fd, batch, Ctx::Send(key));
@@ -1425,7 +1461,8 @@ impl Shard {
     /// Closes a connection that asked to end (DISC, ABORT, shutdown) once it is idle.
     fn maybe_finish(&mut self, key: usize) {
         let conn = &self.conns[key];
-        let idle = conn.ops == 0 && conn.out.is_empty() && conn.batch.is_some();
+        let tls_idle = conn.tls.as_ref().is_none_or(|link| link.is_idle());
+        let idle = conn.ops == 0 && conn.out.is_empty() && conn.batch.is_some() && tls_idle;
         if conn.close_when_idle && idle && conn.payload.is_none() {
             self.close(key, "client disconnected");
         }
@@ -1439,7 +1476,8 @@ impl Shard {
         conn.closing = true;
         tracing::info!(shard = self.index, peer = %conn.peer, reason, "connection closed");
         conn.socket.shutdown();
-        if conn.recv_busy || conn.batch.is_none() {
+        let tls_sending = conn.tls.as_ref().is_some_and(|link| link.is_sending());
+        if conn.recv_busy || conn.batch.is_none() || tls_sending {
             self.ring.cancel_fd(conn.fd);
         }
         self.maybe_free(key);
@@ -1447,7 +1485,8 @@ impl Shard {
 
     fn maybe_free(&mut self, key: usize) {
         let conn = &mut self.conns[key];
-        if !conn.closing || conn.recv_busy || conn.batch.is_none() {
+        let tls_sending = conn.tls.as_ref().is_some_and(|link| link.is_sending());
+        if !conn.closing || conn.recv_busy || conn.batch.is_none() || tls_sending {
             return;
         }
         if let Some(payload) = conn.payload.take() {
@@ -1465,12 +1504,15 @@ impl Shard {
         if let Some(buf) = conn.rbuf.take() {
             pool.check_in(buf);
         }
+        if let Some(link) = conn.tls.take() {
+            link.release(pool);
+        }
         for out in conn.out.drain(..) {
             match out {
                 Out::Data(_, buf, _, _) | Out::Sparse(SparseRead { buf, .. }) => {
                     pool.check_in(buf);
                 }
-                Out::Head(_) | Out::Bytes(..) => {}
+                Out::Head(_) | Out::Bytes(..) | Out::StartTls => {}
             }
         }
         self.load.connections.fetch_sub(1, Ordering::Relaxed);
@@ -1525,6 +1567,56 @@ impl Gate for ConnGate<'_> {
                 %reason, "export refused");
         }
     }
+}
+
+/// What [`fill_batch`] queued.
+struct Filled {
+    /// Replies (not handshake bytes) in the batch.
+    replies: usize,
+    /// It stopped at the STARTTLS marker: what follows must be encrypted.
+    start_tls: bool,
+}
+
+/// Moves queued output into `batch` while it has room: headers are copied, data chunks
+/// point into their pool buffers.
+fn fill_batch(out: &mut VecDeque<Out>, batch: &mut SendBatch) -> Filled {
+    let mut filled = Filled {
+        replies: 0,
+        start_tls: false,
+    };
+    while batch.has_room(2) {
+        let Some(next) = out.pop_front() else {
+            break;
+        };
+        match next {
+            Out::Head(head) => {
+                batch.push_bytes(head.as_bytes());
+                filled.replies += 1;
+            }
+            Out::Data(head, buf, at, len) => {
+                batch.push_bytes(head.as_bytes());
+                batch.push_buf(buf, at, len);
+                filled.replies += 1;
+            }
+            Out::Bytes(bytes, is_reply) => {
+                batch.push_bytes(&bytes);
+                filled.replies += usize::from(is_reply);
+            }
+            Out::Sparse(read) if !batch.has_room(sparse_runs(&read.chunks)) => {
+                out.push_front(Out::Sparse(read));
+                break;
+            }
+            Out::Sparse(read) => {
+                push_sparse(batch, read);
+                filled.replies += 1;
+            }
+            Out::StartTls => {
+                filled.start_tls = true;
+                break;
+            }
+        }
+    }
+    filled
 }
 
 /// Iovecs a sparse READ reply takes: a header per chunk, and the data of each data chunk.

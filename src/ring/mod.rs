@@ -599,6 +599,37 @@ impl SendBatch {
         }
     }
 
+    /// Hands the unconsumed bytes, in order, to `sink` (which returns how many of the offered
+    /// bytes it took) instead of sending them: the user-space TLS path encrypts a batch
+    /// rather than submitting it. Stops when `sink` takes less than offered; returns whether
+    /// every byte was consumed, or the sink's error.
+    pub fn drain_into<E>(
+        &mut self,
+        pool: &BufPool,
+        mut sink: impl FnMut(&[u8]) -> Result<usize, E>,
+    ) -> Result<bool, E> {
+        let mut skip = self.sent_bytes;
+        for part in &self.parts {
+            let run = match *part {
+                Part::Bytes { start, len } => &self.bytes[start..start + len],
+                Part::Buf { index, at, len } => &pool.bytes(&self.bufs[index])[at..at + len],
+            };
+            if skip >= run.len() {
+                skip -= run.len();
+                continue;
+            }
+            let offered = &run[skip..];
+            skip = 0;
+            let taken = sink(offered)?;
+            assert!(taken <= offered.len(), "sink took more than offered");
+            self.sent_bytes += taken;
+            if taken < offered.len() {
+                return Ok(false);
+            }
+        }
+        Ok(self.sent_bytes == self.total_bytes)
+    }
+
     /// After the send completed: empties the batch, handing back the buffers it owned.
     pub fn take_bufs(&mut self) -> std::vec::Drain<'_, Buf> {
         self.bytes.clear();
