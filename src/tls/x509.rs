@@ -170,14 +170,30 @@ fn load_certificates(
 }
 
 fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let bytes = read_credential("--tls-key", path)?;
-    PrivateKeyDer::from_pem_slice(&bytes).map_err(|error| TlsError::File {
+    let bytes = zeroize::Zeroizing::new(read_credential("--tls-key", path)?);
+    let key = PrivateKeyDer::from_pem_slice(&bytes).map_err(|error| TlsError::File {
         flag: "--tls-key",
         path: path.to_path_buf(),
         reason: format!(
             "no usable private key (expected PEM PKCS#8, PKCS#1 RSA or SEC1 EC): {error}"
         ),
-    })
+    })?;
+    if provider()
+        .key_provider
+        .load_private_key(key.clone_key())
+        .is_ok()
+    {
+        return Ok(key);
+    }
+    // ring takes SEC1 EC keys only without the optional curve parameters, which certtool and
+    // openssl write: let OpenSSL re-encode the key as PKCS#8. If that fails too, rustls'
+    // error (reported by the caller) is the more useful one.
+    let pkcs8 = openssl::pkey::PKey::private_key_from_pem(&bytes)
+        .and_then(|key| key.private_key_to_pkcs8());
+    match pkcs8 {
+        Ok(der) => Ok(PrivateKeyDer::Pkcs8(der.into())),
+        Err(_) => Ok(key),
+    }
 }
 
 /// One rustls server connection plus what the kTLS hand-over needs to know.
@@ -334,6 +350,13 @@ impl RustlsSession {
             }
         };
         Ok((version, cipher))
+    }
+
+    pub(super) fn ready_for_kernel(&self) -> bool {
+        !self.connection.is_handshaking()
+            && !self.connection.wants_write()
+            && !self.peer_closed
+            && self.boundary.at_boundary()
     }
 
     /// Checks everything that can be checked while the session is still intact.
