@@ -276,6 +276,18 @@ impl TlsSession {
         dispatch!(&self.inner, session => session.summary())
     }
 
+    /// Whether [`TlsSession::into_kernel`] could switch now as far as the session is
+    /// concerned: an X.509 (rustls) session whose handshake is done, with no ciphertext
+    /// pending, no close_notify seen, and everything fed so far ending at a record boundary.
+    /// (Whether the kernel can take it is [`crate::ring::ktls::probe`]'s answer.) PSK sessions
+    /// are never ready: they stay in user space.
+    pub fn ready_for_kernel(&self) -> bool {
+        match &self.inner {
+            SessionInner::Rustls(session) => session.ready_for_kernel(),
+            SessionInner::OpenSsl(_) => false,
+        }
+    }
+
     /// Moves the established session into the kernel (kTLS) on the connected TCP socket
     /// `fd`, after which the caller sends and receives plaintext on `fd` and must first
     /// deliver [`KernelTls::leftover_plaintext`] to the protocol.

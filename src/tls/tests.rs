@@ -773,3 +773,12 @@ fn load_errors_name_the_file_and_the_problem() {
     );
     assert!(TlsContext::load(&TlsPaths::default()).is_err());
 }
+
+#[test]
+fn contexts_are_shareable_and_sessions_movable_between_threads() {
+    fn shared<T: Send + Sync>() {}
+    fn movable<T: Send>() {}
+    shared::<TlsContext>();
+    movable::<TlsSession>();
+    movable::<KernelTls>();
+}

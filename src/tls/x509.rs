@@ -170,14 +170,30 @@ fn load_certificates(
 }
 
 fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let bytes = read_credential("--tls-key", path)?;
-    PrivateKeyDer::from_pem_slice(&bytes).map_err(|error| TlsError::File {
+    let bytes = zeroize::Zeroizing::new(read_credential("--tls-key", path)?);
+    let key = PrivateKeyDer::from_pem_slice(&bytes).map_err(|error| TlsError::File {
         flag: "--tls-key",
         path: path.to_path_buf(),
         reason: format!(
             "no usable private key (expected PEM PKCS#8, PKCS#1 RSA or SEC1 EC): {error}"
         ),
-    })
+    })?;
+    if provider()
+        .key_provider
+        .load_private_key(key.clone_key())
+        .is_ok()
+    {
+        return Ok(key);
+    }
+    // ring takes SEC1 EC keys only without the optional curve parameters, which certtool and
+    // openssl write: let OpenSSL re-encode the key as PKCS#8. If that fails too, rustls'
+    // error (reported by the caller) is the more useful one.
+    let pkcs8 = openssl::pkey::PKey::private_key_from_pem(&bytes)
+        .and_then(|key| key.private_key_to_pkcs8());
+    match pkcs8 {
+        Ok(der) => Ok(PrivateKeyDer::Pkcs8(der.into())),
+        Err(_) => Ok(key),
+    }
 }
 
 /// One rustls server connection plus what the kTLS hand-over needs to know.
@@ -336,6 +352,13 @@ impl RustlsSession {
         Ok((version, cipher))
     }
 
+    pub(super) fn ready_for_kernel(&self) -> bool {
+        !self.connection.is_handshaking()
+            && !self.connection.wants_write()
+            && !self.peer_closed
+            && self.boundary.at_boundary()
+    }
+
     /// Checks everything that can be checked while the session is still intact.
     fn kernel_precheck(&self) -> Result<(KtlsVersion, KtlsCipher), TlsError> {
         let declined = |why: &str| Err(TlsError::Kernel(why.to_string()));
@@ -471,6 +494,7 @@ fn kernel_tx_iv(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
 
     fn explicit(iv: &[u8; 12]) -> u64 {
         u64::from_be_bytes(iv[4..].try_into().unwrap())
@@ -512,6 +536,175 @@ mod tests {
                     assert_ne!(nonce >> 62, start >> 62, "start {start:#x} k {k:#x}");
                 }
             }
+        }
+    }
+
+    /// Handshakes a rustls client with a server built like [`X509Context`] does, then
+    /// extracts both sides' secrets.
+    fn extracted_pair(
+        version: &'static rustls::SupportedProtocolVersion,
+        suite: rustls::SupportedCipherSuite,
+    ) -> (rustls::ExtractedSecrets, rustls::ExtractedSecrets) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        let cert = params.self_signed(&key).unwrap().der().clone();
+        let key_der = PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        let mut provider = rustls::crypto::ring::default_provider();
+        provider.cipher_suites = vec![suite];
+        let provider = Arc::new(provider);
+        let mut server_config = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key_der)
+            .unwrap();
+        server_config.enable_secret_extraction = true;
+        server_config.send_tls13_tickets = 0;
+        let mut roots = RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let mut client_config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client_config.enable_secret_extraction = true;
+        let mut server = ServerConnection::new(Arc::new(server_config)).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut client = rustls::ClientConnection::new(Arc::new(client_config), name).unwrap();
+        for _ in 0..10 {
+            let mut wire = Vec::new();
+            while client.wants_write() {
+                client.write_tls(&mut wire).unwrap();
+            }
+            server.read_tls(&mut &wire[..]).unwrap();
+            server.process_new_packets().unwrap();
+            let mut wire = Vec::new();
+            while server.wants_write() {
+                server.write_tls(&mut wire).unwrap();
+            }
+            client.read_tls(&mut &wire[..]).unwrap();
+            client.process_new_packets().unwrap();
+        }
+        assert!(!server.is_handshaking() && !client.is_handshaking());
+        // One application record each way, so the sequence numbers are not all zero.
+        client.writer().write_all(b"ping").unwrap();
+        let mut wire = Vec::new();
+        client.write_tls(&mut wire).unwrap();
+        server.read_tls(&mut &wire[..]).unwrap();
+        server.process_new_packets().unwrap();
+        let mut plain = [0u8; 4];
+        server.reader().read_exact(&mut plain).unwrap();
+        server.writer().write_all(b"pong").unwrap();
+        let mut wire = Vec::new();
+        server.write_tls(&mut wire).unwrap();
+        client.read_tls(&mut &wire[..]).unwrap();
+        client.process_new_packets().unwrap();
+        (
+            server.dangerous_extract_secrets().unwrap(),
+            client.dangerous_extract_secrets().unwrap(),
+        )
+    }
+
+    #[test]
+    fn server_transmit_keys_are_the_client_receive_keys() {
+        use rustls::crypto::ring::cipher_suite as suites;
+        let cases = [
+            (
+                &rustls::version::TLS13,
+                suites::TLS13_AES_128_GCM_SHA256,
+                KtlsCipher::Aes128Gcm,
+            ),
+            (
+                &rustls::version::TLS13,
+                suites::TLS13_AES_256_GCM_SHA384,
+                KtlsCipher::Aes256Gcm,
+            ),
+            (
+                &rustls::version::TLS13,
+                suites::TLS13_CHACHA20_POLY1305_SHA256,
+                KtlsCipher::Chacha20Poly1305,
+            ),
+            (
+                &rustls::version::TLS12,
+                suites::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+                KtlsCipher::Aes128Gcm,
+            ),
+            (
+                &rustls::version::TLS12,
+                suites::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                KtlsCipher::Aes256Gcm,
+            ),
+            (
+                &rustls::version::TLS12,
+                suites::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+                KtlsCipher::Chacha20Poly1305,
+            ),
+        ];
+        for (version, suite, cipher) in cases {
+            let ktls_version = if version.version == ProtocolVersion::TLSv1_3 {
+                KtlsVersion::Tls13
+            } else {
+                KtlsVersion::Tls12
+            };
+            let (server, client) = extracted_pair(version, suite);
+            // Both sides agree on every sequence number after one record each way.
+            assert_eq!(server.tx.0, client.rx.0);
+            assert_eq!(server.rx.0, client.tx.0);
+            let expected_seq = if ktls_version == KtlsVersion::Tls13 {
+                1
+            } else {
+                2
+            };
+            assert_eq!(server.tx.0, expected_seq, "{suite:?}");
+            let tx = |secrets: &rustls::ExtractedSecrets| {
+                crypto_info(
+                    ktls_version,
+                    cipher,
+                    &secrets.tx.1,
+                    secrets.tx.0,
+                    Direction::Transmit,
+                )
+                .unwrap()
+            };
+            let rx = |secrets: &rustls::ExtractedSecrets| {
+                crypto_info(
+                    ktls_version,
+                    cipher,
+                    &secrets.rx.1,
+                    secrets.rx.0,
+                    Direction::Receive,
+                )
+                .unwrap()
+            };
+            let (server_tx, client_rx) = (tx(&server), rx(&client));
+            let (a, b) = (server_tx.as_bytes(), client_rx.as_bytes());
+            assert_eq!(a.len(), b.len());
+            let differing: Vec<usize> = (0..a.len()).filter(|&i| a[i] != b[i]).collect();
+            let tls12_gcm =
+                ktls_version == KtlsVersion::Tls12 && cipher != KtlsCipher::Chacha20Poly1305;
+            // Only the top bit of the TLS 1.2 GCM explicit-nonce counter (offset 4) differs.
+            assert_eq!(
+                differing,
+                if tls12_gcm { vec![4] } else { vec![] },
+                "{suite:?}"
+            );
+            if tls12_gcm {
+                assert_eq!(a[4] ^ b[4], 0x80);
+            }
+            // The receive side is the peer's transmit side unchanged (no adjustment on RX).
+            assert_eq!(rx(&server).as_bytes().len(), tx(&client).as_bytes().len());
+            let mismatched = crypto_info(
+                ktls_version,
+                KtlsCipher::Aes256Gcm,
+                &server.tx.1,
+                server.tx.0,
+                Direction::Transmit,
+            );
+            assert_eq!(
+                mismatched.is_err(),
+                cipher != KtlsCipher::Aes256Gcm,
+                "{suite:?}"
+            );
         }
     }
 
