@@ -27,6 +27,7 @@
 #![allow(dead_code)]
 
 pub mod fsstack;
+pub mod guest;
 pub mod raw;
 pub mod tls;
 
