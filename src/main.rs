@@ -506,15 +506,6 @@ fn tls_warnings(tls: &config::TlsSettings) -> Vec<String> {
     warnings
 }
 
-/// TLS is configured and checked, but the data plane does not speak it yet: refuse to start
-/// rather than serve without the protection asked for.
-fn refuse_unenforced_access(config: &Config) -> Result<(), String> {
-    if config.tls.mode != TlsMode::Off {
-        return Err("TLS is not enforced by this build yet; set tls = \"off\" to serve".into());
-    }
-    Ok(())
-}
-
 fn serve(args: ServeArgs) -> Result<(), Failure> {
     let faults = FaultSettings {
         control: args.control.clone(),
@@ -522,7 +513,6 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
     let cli_faults = CliFaults::parse(&args).map_err(usage)?;
     let (mut settings, inherited, reloader) = settings_and_inherited_sockets(args, cli_faults)?;
     reloader.faults.apply(&mut settings.config).map_err(usage)?;
-    refuse_unenforced_access(&settings.config).map_err(usage)?;
     let identity = process::resolve_identity(settings.user.as_deref(), settings.group.as_deref())
         .map_err(usage)?;
     let config = &settings.config;
@@ -548,10 +538,7 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
     server.configure_faults(&faults)?;
     for signal in signals.forever() {
         match signal {
-            SIGHUP => match reloader.config().and_then(|config| {
-                refuse_unenforced_access(&config)?;
-                Ok(config)
-            }) {
+            SIGHUP => match reloader.config() {
                 Ok(config) => {
                     if let Err(error) = server.reload(&config) {
                         tracing::error!("SIGHUP: reload failed, keeping the exports: {error:#}");
@@ -834,40 +821,11 @@ mod tests {
         assert_eq!(after.exports[0].policy.allow_clients, ["PSK:alice"]);
         assert_eq!(after.exports[0].policy.max_connections, Some(3));
         assert_eq!(after.exports[1].policy.max_connections, Some(9));
-        assert!(
-            refuse_unenforced_access(&after).is_err(),
-            "not enforced yet"
-        );
         file("[server]\ntls_cert = \"/c\"\n[[export]]\nname = \"a\"\npath = \"memory:1M\"\n");
         let error = reloader.config().unwrap_err();
         assert!(
             error.contains("line 2") && error.contains("server.tls_cert"),
             "{error}"
-        );
-    }
-
-    #[test]
-    fn plain_configurations_are_served() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ringbd.toml");
-        std::fs::write(
-            &path,
-            "[server]\ntls_kernel = \"off\"\nexport_max_connections = 0\n\
-                               [[export]]\nname = \"a\"\npath = \"memory:1M\"\n",
-        )
-        .unwrap();
-        let reloader = Reloader {
-            file: Some(path),
-            overrides: Overrides::default(),
-            environment: Environment {
-                cores: 1,
-                socket_activated: false,
-            },
-            faults: CliFaults::default(),
-        };
-        assert_eq!(
-            refuse_unenforced_access(&reloader.config().unwrap()),
-            Ok(())
         );
     }
 

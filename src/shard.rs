@@ -40,7 +40,6 @@ use crate::exports::Exports;
 use crate::faults::Durable;
 use crate::ring::{Buf, Completion, Ring, RingConfig, RingError, SendBatch};
 use crate::security::{Security, SecurityCell};
-use crate::tls::Identity;
 use crate::stats::{self, ShardStats, StatsHub};
 use crate::target::codec::{self, Extent, ReplyHead, ReplyStyle};
 use crate::target::export::ExportInfo;
@@ -49,6 +48,7 @@ use crate::target::handshake::{Access, Event, Gate, Handshake, HandshakeConfig, 
 use crate::target::proto::{self, NbdErrno};
 use crate::target::sparse::{self, ReadChunks};
 use crate::target::validate::{self, Command, Verdict};
+use crate::tls::Identity;
 
 // Every handshake option the protocol engine buffers must fit a connection's receive buffer.
 const _: () = assert!(RECV_BUFFER_BYTES >= crate::target::handshake::HANDSHAKE_INPUT_BYTES_MAX);
@@ -1420,7 +1420,10 @@ impl Shard {
         let filled = fill_batch(&mut conn.out, &mut batch);
         conn.batch_replies = filled.replies;
         if filled.start_tls {
-            conn.tls.as_mut().expect("STARTTLS set up a TLS link").active = true;
+            conn.tls
+                .as_mut()
+                .expect("STARTTLS set up a TLS link")
+                .active = true;
         }
         if batch.is_empty() {
             conn.batch = Some(batch);

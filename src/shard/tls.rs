@@ -22,7 +22,7 @@
 //! plaintext, the kernel encrypts). Receives are held while a switch waits for the last
 //! handshake bytes to be sent. A declined switch keeps user-space TLS.
 
-use super::{Conn, Ctx, Out, RECV_BUFFER_BYTES, Shard, Socket, Step};
+use super::{Ctx, Out, RECV_BUFFER_BYTES, Shard, Socket, Step};
 use crate::config::KernelTls;
 use crate::ring::{Buf, BufPool, SendBatch};
 use crate::tls::{IntoKernelError, TlsError, TlsSession};
@@ -158,7 +158,8 @@ impl Shard {
         }
         let (at, len) = (link.cin_end, CIPHER_IN_BYTES - link.cin_end);
         conn.recv_busy = true;
-        self.ring.recv(conn.fd, cin, at, len, false, Ctx::TlsRecv(key));
+        self.ring
+            .recv(conn.fd, cin, at, len, false, Ctx::TlsRecv(key));
     }
 
     pub(super) fn tls_recv_done(&mut self, key: usize, result: i32, buf: Buf) {
@@ -239,7 +240,11 @@ impl Shard {
             self.maybe_finish(key);
             return Pump::Closed;
         }
-        if plaintext { Pump::Plaintext } else { Pump::Idle }
+        if plaintext {
+            Pump::Plaintext
+        } else {
+            Pump::Idle
+        }
     }
 
     /// A WRITE payload arriving over TLS: copies decrypted bytes into the request's buffer.
@@ -287,7 +292,10 @@ impl Shard {
                 }
             }
             let session = &mut link.session;
-            match link.plain.drain_into(pool, |bytes| session.write_plaintext(bytes)) {
+            match link
+                .plain
+                .drain_into(pool, |bytes| session.write_plaintext(bytes))
+            {
                 Ok(true) => {
                     for buf in link.plain.take_bufs() {
                         pool.check_in(buf);
@@ -434,10 +442,4 @@ impl Shard {
             }
         }
     }
-}
-
-/// Whether `conn` runs user-space TLS.
-#[allow(dead_code)]
-fn uses_tls(conn: &Conn) -> bool {
-    conn.tls.is_some()
 }
