@@ -1467,6 +1467,9 @@ impl Shard {
         let tls_idle = conn.tls.as_ref().is_none_or(|link| link.is_idle());
         let idle = conn.ops == 0 && conn.out.is_empty() && conn.batch.is_some() && tls_idle;
         if conn.close_when_idle && idle && conn.payload.is_none() {
+            if self.tls_close_notify(key) {
+                return;
+            }
             self.close(key, "client disconnected");
         }
     }

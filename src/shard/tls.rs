@@ -54,6 +54,8 @@ pub(super) struct TlsLink {
     /// The handshake is done and the session waits to move into the kernel once its last
     /// bytes are sent; receiving is held until then.
     switch_pending: bool,
+    /// close_notify was queued (the connection is ending cleanly).
+    close_notified: bool,
 }
 
 /// What [`Shard::tls_pump`] achieved.
@@ -130,6 +132,7 @@ impl Shard {
             plain_replies: 0,
             active: false,
             switch_pending: false,
+            close_notified: false,
         }));
         conn.out.push_back(Out::StartTls);
         Step::NeedInput
@@ -353,6 +356,26 @@ impl Shard {
         }
     }
 
+    /// A connection ending cleanly (NBD_CMD_DISC, ABORT) shuts TLS down first, as the spec
+    /// asks: queues close_notify and returns true while it is being sent.
+    pub(super) fn tls_close_notify(&mut self, key: usize) -> bool {
+        let conn = &mut self.conns[key];
+        let Some(link) = conn.tls.as_deref_mut() else {
+            return false;
+        };
+        if conn.closing || !link.active || link.close_notified {
+            return false;
+        }
+        link.close_notified = true;
+        link.session.send_close_notify();
+        self.tls_send(key);
+        // Only wait if the alert is on its way (its completion calls maybe_finish again).
+        self.conns[key]
+            .tls
+            .as_ref()
+            .is_some_and(|link| link.is_sending())
+    }
+
     /// The TLS handshake completed: remember who the client is, and try kernel TLS.
     fn tls_established(&mut self, key: usize) {
         let conn = &mut self.conns[key];
@@ -431,6 +454,7 @@ impl Shard {
                     plain_replies: 0,
                     active: true,
                     switch_pending: false,
+                    close_notified: false,
                 }));
             }
             Err(IntoKernelError::Failed(error)) => {
