@@ -507,39 +507,38 @@ struct RefusedLog {
 }
 
 impl RefusedLog {
-    fn refused(&mut self, peer: &str, open: usize, max_connections: usize) {
+    /// Whether to log this refusal now; counts it as suppressed otherwise. Returns how many
+    /// were suppressed since the last line.
+    fn due(&mut self) -> Option<u64> {
         let now = Instant::now();
         if self
             .last
             .is_some_and(|last| now.duration_since(last) < REFUSED_LOG_INTERVAL)
         {
             self.suppressed += 1;
-            return;
+            return None;
         }
-        tracing::warn!(
-            %peer, open, max_connections, also_refused = self.suppressed,
-            "connection refused: max_connections reached"
-        );
         self.last = Some(now);
-        self.suppressed = 0;
+        Some(std::mem::take(&mut self.suppressed))
+    }
+
+    fn refused(&mut self, peer: &str, open: usize, max_connections: usize) {
+        if let Some(also_refused) = self.due() {
+            tracing::warn!(
+                %peer, open, max_connections, also_refused,
+                "connection refused: max_connections reached"
+            );
+        }
     }
 
     /// A peer the listener-wide rules (`allow`, `allow_uids`) keep out.
     fn denied(&mut self, peer: &Peer, denied: &crate::access::Denied) {
-        let now = Instant::now();
-        if self
-            .last
-            .is_some_and(|last| now.duration_since(last) < REFUSED_LOG_INTERVAL)
-        {
-            self.suppressed += 1;
-            return;
+        if let Some(also_refused) = self.due() {
+            tracing::warn!(
+                %peer, reason = %denied, also_refused,
+                "connection refused by the listener's access rules"
+            );
         }
-        tracing::warn!(
-            %peer, reason = %denied, also_refused = self.suppressed,
-            "connection refused by the listener's access rules"
-        );
-        self.last = Some(now);
-        self.suppressed = 0;
     }
 }
 

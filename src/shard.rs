@@ -541,9 +541,19 @@ impl Shard {
         let conn = &mut self.conns[key];
         conn.recv_busy = false;
         conn.rbuf = Some(buf);
-        if conn.closing {
-            self.maybe_free(key);
+        if self.recv_ended(key, result) {
             return;
+        }
+        self.conns[key].rend += result as usize;
+        self.process_input(key);
+    }
+
+    /// After a receive completed (its buffer returned): true when the connection is closing
+    /// or the receive ended it (EOF, error), which this handles.
+    fn recv_ended(&mut self, key: usize, result: i32) -> bool {
+        if self.conns[key].closing {
+            self.maybe_free(key);
+            return true;
         }
         if result <= 0 {
             let reason = if result == 0 {
@@ -552,10 +562,9 @@ impl Shard {
                 "receive failed"
             };
             self.close(key, reason);
-            return;
+            return true;
         }
-        conn.rend += result as usize;
-        self.process_input(key);
+        false
     }
 
     fn payload_done(&mut self, key: usize, result: i32, buf: Buf) {

@@ -168,21 +168,11 @@ impl Shard {
     pub(super) fn tls_recv_done(&mut self, key: usize, result: i32, buf: Buf) {
         let conn = &mut self.conns[key];
         conn.recv_busy = false;
-        let link = conn.tls.as_deref_mut().expect("TLS link");
-        link.cin = Some(buf);
-        if conn.closing {
-            self.maybe_free(key);
+        conn.tls.as_deref_mut().expect("TLS link").cin = Some(buf);
+        if self.recv_ended(key, result) {
             return;
         }
-        if result <= 0 {
-            let reason = if result == 0 {
-                "client closed the connection"
-            } else {
-                "receive failed"
-            };
-            self.close(key, reason);
-            return;
-        }
+        let link = self.conns[key].tls.as_deref_mut().expect("TLS link");
         link.cin_end += result as usize;
         self.process_input(key);
     }
