@@ -12,8 +12,10 @@
 //! * At most one receive and one send are in flight per connection; replies queue in `out`
 //!   and leave in batches (one `sendmsg` carries up to [`SEND_IOVECS_MAX`] runs), in
 //!   completion order: replies are out of order with respect to requests.
-//! * A WRITE payload is copied from the receive buffer only for the part that arrived with
-//!   the header; the rest is received straight into the request's pool buffer.
+//! * A small WRITE (up to [`WHOLE_WRITE_BYTES_MAX`] with its header) starts once it is
+//!   wholly in the receive buffer, and its payload is copied from there (one copy is cheaper
+//!   than a ring receive per payload). A larger one copies what arrived with the header and
+//!   receives the rest straight into the request's pool buffer.
 //! * FLUSH is an `fdatasync` of the export's file. A reply is queued only after its
 //!   operation completed, so every write already replied to is on the file when the flush is
 //!   issued; fdatasync covers all descriptors of the file, hence CAN_MULTI_CONN.
@@ -59,6 +61,12 @@ const COMPLETIONS_PER_TICK_MAX: usize = 512;
 const STATS_PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
 /// Largest chunk of the zero-writing fallback for WRITE_ZEROES.
 const ZERO_CHUNK_BYTES: usize = 1 << 20;
+/// WRITEs up to this size (header and payload) start only once wholly buffered: the rest
+/// comes with the next ordinary receive instead of a receive of just the payload's tail.
+const WHOLE_WRITE_BYTES_MAX: usize = RECV_BUFFER_BYTES / 2;
+/// Unparsed input up to this size is moved to the front of the receive buffer before the
+/// next receive, so that receive has the whole buffer (a partial message is this small).
+const COMPACT_BYTES_MAX: usize = 8 * 1024;
 
 /// State shared by the server and every shard.
 #[derive(Debug)]
@@ -676,7 +684,9 @@ impl Shard {
             conn.rstart = 0;
             conn.rend = 0;
         } else if conn.rstart > 0
-            && (conn.rend == RECV_BUFFER_BYTES || conn.rstart >= RECV_BUFFER_BYTES / 2)
+            && (conn.rend == RECV_BUFFER_BYTES
+                || conn.rstart >= RECV_BUFFER_BYTES / 2
+                || conn.rend - conn.rstart <= COMPACT_BYTES_MAX)
         {
             let bytes = self.ring.pool_mut().bytes_mut(rbuf);
             bytes.copy_within(conn.rstart..conn.rend, 0);
@@ -780,6 +790,7 @@ impl Shard {
         let export = &self.shared.exports[conn.export];
         let verdict = validate::validate(&request, &export.lenient, session);
         let style = session.reply_style;
+        let buffered = conn.rend - conn.rstart;
         match verdict {
             Verdict::Serve(Command::Disconnect) => {
                 conn.rstart += header_bytes;
@@ -799,6 +810,11 @@ impl Shard {
                     codec::reply_error(style, request.cookie, request.offset, NbdErrno::Shutdown);
                 self.queue_reply(key, Out::Head(head));
                 Step::Progress
+            }
+            Verdict::Serve(Command::Write { length, .. })
+                if small_write_split(header_bytes, length, buffered) =>
+            {
+                Step::NeedInput
             }
             Verdict::Serve(command) => match self.fault_check(key, command) {
                 Fault::Proceed(delay) => {
@@ -1632,6 +1648,12 @@ fn fill_batch(out: &mut VecDeque<Out>, batch: &mut SendBatch) -> Filled {
         }
     }
     filled
+}
+
+/// Whether a small WRITE's payload is only partly buffered (wait for it: module docs).
+fn small_write_split(header: usize, length: u64, buffered: usize) -> bool {
+    let whole = header as u64 + length;
+    whole <= WHOLE_WRITE_BYTES_MAX as u64 && (buffered as u64) < whole
 }
 
 /// Iovecs a sparse READ reply takes: a header per chunk, and the data of each data chunk.

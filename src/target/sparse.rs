@@ -353,7 +353,8 @@ mod tests {
         #[test]
         fn a_plan_with_room_misses_no_zero_block((data, offset, _) in sparse_read()) {
             let plan = plan_read(&data, offset, READ_CHUNKS_MAX);
-            if plan.len() < READ_CHUNKS_MAX {
+            // A plan that ran full ends with 15 or 16 chunks (a last hole folds into data).
+            if plan.len() + 2 <= READ_CHUNKS_MAX {
                 for chunk in plan.iter().filter(|chunk| !chunk.hole) {
                     let mut at = chunk.at;
                     while at < chunk.at + chunk.len {
