@@ -564,10 +564,13 @@ impl Shard {
             return true;
         }
         if result <= 0 {
-            let reason = if result == 0 {
-                "client closed the connection"
-            } else {
-                "receive failed"
+            let conn = &self.conns[key];
+            let kernel_tls = conn.encrypted && conn.tls.is_none();
+            let reason = match result {
+                0 => "client closed the connection",
+                // Kernel TLS: a non-data record (the client's close_notify) fails a plain recv.
+                _ if kernel_tls && result == -libc::EIO => "client ended the TLS session",
+                _ => "receive failed",
             };
             self.close(key, reason);
             return true;

@@ -67,9 +67,10 @@ const PYTHON_BYTES: u64 = 16 * MIB;
 const DEFAULT_SUITE: &str = "TLS1.3 TLS13_AES_256_GCM_SHA384";
 /// What the shard logs when a kTLS connection's receive fails because the client sent
 /// close_notify without NBD_CMD_DISC: the kernel returns EIO for a record that is not
-/// application data, and `recv_done` (src/shard.rs) names every receive error this way. The
-/// user-space path logs "client disconnected" for the same client (checked on `off`).
-const KTLS_CLOSE_NOTIFY_REASON: &str = "receive failed";
+/// application data, which `recv_ended` (src/shard.rs) names this way on kernel-TLS
+/// connections. The user-space path logs "client disconnected" for the same client (checked
+/// on `off`).
+const KTLS_CLOSE_NOTIFY_REASON: &str = "client ended the TLS session";
 /// Pairs ringbd can hand to the kernel; its probe sets keys for each once per process.
 const PROBED_PAIRS: u64 = ringbd::ring::ktls::ALL_PAIRS.len() as u64;
 
