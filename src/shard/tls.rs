@@ -107,14 +107,20 @@ impl Shard {
             None => unreachable!("the handshake offers STARTTLS only with TLS credentials"),
         };
         let pool = self.ring.pool_mut();
-        let (Some(cin), Some(cout)) = (
+        let (cin, cout) = match (
             pool.check_out(CIPHER_IN_BYTES),
             pool.check_out(CIPHER_OUT_BYTES),
-        ) else {
-            // check_out of one may have succeeded: the link owning nothing, return it.
-            tracing::warn!(shard = self.index, peer = %conn.peer, "buffer pool exhausted");
-            self.close(key, "no buffers for TLS");
-            return Step::Blocked;
+        ) {
+            (Some(cin), Some(cout)) => (cin, cout),
+            (cin, cout) => {
+                // One of the two may have been checked out: give it back.
+                for buf in [cin, cout].into_iter().flatten() {
+                    pool.check_in(buf);
+                }
+                tracing::warn!(shard = self.index, peer = %conn.peer, "buffer pool exhausted");
+                self.close(key, "no buffers for TLS");
+                return Step::Blocked;
+            }
         };
         let rbuf = conn.rbuf.as_ref().expect("receive buffer present");
         let early = conn.rend - conn.rstart;
