@@ -21,7 +21,7 @@
 //! * `CN=alice,O=Example`: any other distinguished name matches the whole subject: the same
 //!   RDNs in the same order. Attribute types compare case-insensitively (`cn=` = `CN=`,
 //!   `E=`/`EMAIL=` = `emailAddress=`), values exactly; spaces around `,` `+` `=` are ignored.
-//! * `DNS:host.example` (case-insensitive), `IP:10.0.0.1` (compared as addresses),
+//! * `DNS:host.example` (case-insensitive; a leading `*.` stands for one label), `IP:10.0.0.1` (compared as addresses),
 //!   `EMAIL:a@b` (exact), `URI:spiffe://…` (exact) match a subject alternative name.
 //! * `PSK:alice` matches the PSK identity of a pre-shared-key session.
 //!
@@ -97,7 +97,7 @@ pub enum IdentityPattern {
     CommonName(String),
     /// A full distinguished name: RDNs of (upper-case type, value) pairs, most specific first.
     Subject(Vec<Vec<(String, String)>>),
-    /// `DNS:name`, lower-cased.
+    /// `DNS:name`, lower-cased (a leading `*.` stands for one label).
     Dns(String),
     /// `IP:address`.
     Ip(IpAddr),
@@ -167,7 +167,7 @@ impl IdentityPattern {
                     .any(|(kind, value)| kind == "CN" && value == name)
             }),
             IdentityPattern::Subject(want) => subject().is_some_and(|rdns| &rdns == want),
-            IdentityPattern::Dns(name) => san("DNS:").iter().any(|n| n.eq_ignore_ascii_case(name)),
+            IdentityPattern::Dns(name) => san("DNS:").iter().any(|n| dns_matches(name, n)),
             IdentityPattern::Ip(address) => san("IP:")
                 .iter()
                 .any(|text| text.parse::<IpAddr>().is_ok_and(|a| a == *address)),
@@ -175,6 +175,20 @@ impl IdentityPattern {
             IdentityPattern::Uri(uri) => san("URI:").iter().any(|u| u == uri),
             IdentityPattern::Psk(user) => identity.psk_user.as_deref() == Some(user.as_str()),
         }
+    }
+}
+
+/// `pattern` (lower-case) against a certificate's DNS name, case-insensitively; a leading
+/// `*.` in the pattern stands for exactly one label (`*.example.org` matches
+/// `hv1.example.org`, not `example.org` nor `a.b.example.org`).
+fn dns_matches(pattern: &str, name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => name
+            .strip_suffix(suffix)
+            .and_then(|head| head.strip_suffix('.'))
+            .is_some_and(|label| !label.is_empty() && !label.contains('.')),
+        None => name == pattern,
     }
 }
 
@@ -400,6 +414,19 @@ mod tests {
             ],
         );
         Identity::from_certificate_der(&der).unwrap()
+    }
+
+    #[test]
+    fn dns_wildcard_patterns_stand_for_one_label() {
+        assert!(dns_matches("*.example.org", "HV1.example.org"));
+        assert!(dns_matches("hv1.example.org", "hv1.Example.org"));
+        assert!(!dns_matches("*.example.org", "example.org"));
+        assert!(!dns_matches("*.example.org", "a.b.example.org"));
+        assert!(!dns_matches("*.example.org", "xexample.org"));
+        assert!(!dns_matches("hv1.example.org", "hv2.example.org"));
+        let identity = alice();
+        assert!(identity.matches("DNS:*.example"));
+        assert!(!identity.matches("DNS:*.host.example"));
     }
 
     #[test]
