@@ -21,8 +21,9 @@
 //! * `CN=alice,O=Example`: any other distinguished name matches the whole subject: the same
 //!   RDNs in the same order. Attribute types compare case-insensitively (`cn=` = `CN=`,
 //!   `E=`/`EMAIL=` = `emailAddress=`), values exactly; spaces around `,` `+` `=` are ignored.
-//! * `DNS:host.example` (case-insensitive; a leading `*.` stands for one label), `IP:10.0.0.1` (compared as addresses),
-//!   `EMAIL:a@b` (exact), `URI:spiffe://…` (exact) match a subject alternative name.
+//! * `DNS:host.example` (case-insensitive; a leading `*.` stands for one label),
+//!   `IP:10.0.0.1` (compared as addresses), `EMAIL:a@b` (exact), `URI:spiffe://…` (exact)
+//!   match a subject alternative name.
 //! * `PSK:alice` matches the PSK identity of a pre-shared-key session.
 //!
 //! The prefixes are case-insensitive. A malformed pattern is an error from
