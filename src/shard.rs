@@ -187,10 +187,8 @@ struct Conn {
     socket: Socket,
     fd: RawFd,
     generation: u64,
-    /// Who connected, as text for logs.
-    peer: String,
-    /// Who connected, for access checks.
-    who: Peer,
+    /// Who connected (access checks, logs).
+    peer: Peer,
     /// TLS and access settings in force when it was accepted.
     security: Arc<Security>,
     /// User-space TLS, from STARTTLS until the connection closes or moves to kernel TLS.
@@ -224,6 +222,13 @@ struct Conn {
     epoch: u64,
     /// The exports offered when this connection was accepted.
     offered: Arc<Vec<ExportInfo>>,
+}
+
+impl Conn {
+    /// A plaintext batch or a TLS ciphertext send is in flight.
+    fn send_in_flight(&self) -> bool {
+        self.batch.is_none() || self.tls.as_ref().is_some_and(|link| link.is_sending())
+    }
 }
 
 /// What fault injection does with a request.
@@ -453,8 +458,7 @@ impl Shard {
                 socket: new.socket,
                 fd,
                 generation: self.generation,
-                peer: new.peer.to_string(),
-                who: new.peer,
+                peer: new.peer,
                 security,
                 tls: None,
                 identity: None,
@@ -638,15 +642,12 @@ impl Shard {
             if conn.recv_busy || conn.closing || conn.stop_reading {
                 return false;
             }
-            if conn.payload.is_some() && conn.tls.is_some() {
-                // Decrypted payload bytes sit in the receive buffer: copy them over.
-                if self.tls_payload_step(key) {
+            if conn.payload.is_some() {
+                // Over TLS the payload arrives decrypted in the receive buffer (plaintext
+                // connections receive it straight into the request's buffer instead).
+                if conn.tls.is_some() && self.payload_from_input(key) {
                     continue;
                 }
-                need_input = true;
-                break;
-            }
-            if conn.payload.is_some() {
                 need_input = true;
                 break;
             }
@@ -709,7 +710,7 @@ impl Shard {
         let mut gate = ConnGate {
             shard: self.index,
             exports: &self.shared.exports,
-            peer: &conn.who,
+            peer: &conn.peer,
             identity: conn
                 .identity
                 .as_ref()
@@ -1015,26 +1016,40 @@ impl Shard {
         let write_payload = (new.op == Op::Write).then_some(new.span);
         let request_key = self.requests.insert(new);
         if let Some(total) = write_payload {
-            let conn = &mut self.conns[key];
-            let arrived = (conn.rend - conn.rstart).min(total);
-            let rbuf = conn.rbuf.as_ref().expect("receive buffer present");
-            let target = self.requests[request_key]
-                .buf
-                .as_ref()
-                .expect("write buffer");
-            self.ring
-                .pool_mut()
-                .copy_between(rbuf, conn.rstart, target, 0, arrived);
-            conn.rstart += arrived;
-            if arrived < total {
-                conn.payload = Some(Payload {
-                    request: request_key,
-                    filled: arrived,
-                    total,
-                });
-                return true;
-            }
+            self.conns[key].payload = Some(Payload {
+                request: request_key,
+                filled: 0,
+                total,
+            });
+            self.payload_from_input(key);
+            return true;
         }
+        self.begin_io(request_key);
+        true
+    }
+
+    /// Copies the buffered input that belongs to the pending WRITE payload into the
+    /// request's buffer (plaintext: what arrived with the header; TLS: every decrypted
+    /// byte). True when the payload is complete and the write has started.
+    fn payload_from_input(&mut self, key: usize) -> bool {
+        let conn = &mut self.conns[key];
+        let payload = conn.payload.as_mut().expect("payload in progress");
+        let request_key = payload.request;
+        let take = (conn.rend - conn.rstart).min(payload.total - payload.filled);
+        let rbuf = conn.rbuf.as_ref().expect("receive buffer present");
+        let target = self.requests[request_key]
+            .buf
+            .as_ref()
+            .expect("write buffer");
+        self.ring
+            .pool_mut()
+            .copy_between(rbuf, conn.rstart, target, payload.filled, take);
+        conn.rstart += take;
+        payload.filled += take;
+        if payload.filled < payload.total {
+            return false;
+        }
+        conn.payload = None;
         self.begin_io(request_key);
         true
     }
@@ -1510,8 +1525,7 @@ impl Shard {
         conn.closing = true;
         tracing::info!(shard = self.index, peer = %conn.peer, reason, "connection closed");
         conn.socket.shutdown();
-        let tls_sending = conn.tls.as_ref().is_some_and(|link| link.is_sending());
-        if conn.recv_busy || conn.batch.is_none() || tls_sending {
+        if conn.recv_busy || conn.send_in_flight() {
             self.ring.cancel_fd(conn.fd);
         }
         self.maybe_free(key);
@@ -1519,8 +1533,7 @@ impl Shard {
 
     fn maybe_free(&mut self, key: usize) {
         let conn = &mut self.conns[key];
-        let tls_sending = conn.tls.as_ref().is_some_and(|link| link.is_sending());
-        if !conn.closing || conn.recv_busy || conn.batch.is_none() || tls_sending {
+        if !conn.closing || conn.recv_busy || conn.send_in_flight() {
             return;
         }
         if let Some(payload) = conn.payload.take() {

@@ -192,32 +192,30 @@ impl Shard {
         let pool = self.ring.pool_mut();
         let rbuf = conn.rbuf.as_ref().expect("receive buffer present");
         let cin = link.cin.as_ref().expect("no TLS receive in flight");
-        let mut plaintext = false;
-        let outcome: Result<(), TlsError> = loop {
-            let read = match link
-                .session
-                .read_plaintext(&mut pool.bytes_mut(rbuf)[conn.rend..RECV_BUFFER_BYTES])
-            {
-                Ok(read) => read,
-                Err(error) => break Err(error),
-            };
-            conn.rend += read;
-            plaintext |= read > 0;
-            let pending = &pool.bytes(cin)[link.cin_start..link.cin_end];
-            let fed = match link.session.feed(pending) {
-                Ok(fed) => fed,
-                Err(error) => break Err(error),
-            };
-            link.cin_start += fed;
-            if read == 0 && fed == 0 {
-                break Ok(());
+        let rend = &mut conn.rend;
+        let mut shuttle = || -> Result<bool, TlsError> {
+            let mut plaintext = false;
+            loop {
+                let free = &mut pool.bytes_mut(rbuf)[*rend..RECV_BUFFER_BYTES];
+                let read = link.session.read_plaintext(free)?;
+                *rend += read;
+                plaintext |= read > 0;
+                let pending = &pool.bytes(cin)[link.cin_start..link.cin_end];
+                let fed = link.session.feed(pending)?;
+                link.cin_start += fed;
+                if read == 0 && fed == 0 {
+                    return Ok(plaintext);
+                }
             }
         };
-        if let Err(error) = outcome {
-            tracing::info!(shard = self.index, peer = %conn.peer, %error, "TLS error");
-            self.close(key, "TLS error");
-            return Pump::Closed;
-        }
+        let plaintext = match shuttle() {
+            Ok(plaintext) => plaintext,
+            Err(error) => {
+                tracing::info!(shard = self.index, peer = %conn.peer, %error, "TLS error");
+                self.close(key, "TLS error");
+                return Pump::Closed;
+            }
+        };
         let established = was_handshaking && !link.session.is_handshaking();
         let peer_closed = link.session.peer_closed();
         if link.session.wants_write() {
@@ -244,31 +242,6 @@ impl Shard {
         } else {
             Pump::Idle
         }
-    }
-
-    /// A WRITE payload arriving over TLS: copies decrypted bytes into the request's buffer.
-    /// True when the payload is complete (the write has started).
-    pub(super) fn tls_payload_step(&mut self, key: usize) -> bool {
-        let conn = &mut self.conns[key];
-        let payload = conn.payload.as_mut().expect("payload in progress");
-        let request_key = payload.request;
-        let take = (conn.rend - conn.rstart).min(payload.total - payload.filled);
-        let rbuf = conn.rbuf.as_ref().expect("receive buffer present");
-        let target = self.requests[request_key]
-            .buf
-            .as_ref()
-            .expect("write buffer");
-        self.ring
-            .pool_mut()
-            .copy_between(rbuf, conn.rstart, target, payload.filled, take);
-        conn.rstart += take;
-        payload.filled += take;
-        if payload.filled < payload.total {
-            return false;
-        }
-        conn.payload = None;
-        self.begin_io(request_key);
-        true
     }
 
     /// Encrypts queued output and sends the ciphertext (one send in flight at a time).
