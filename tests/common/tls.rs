@@ -220,27 +220,8 @@ pub fn psk_user(path: &Path, user: &str) {
     );
 }
 
-/// `--tls` mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TlsMode {
-    /// No TLS.
-    Off,
-    /// STARTTLS optional.
-    On,
-    /// Every option but STARTTLS/ABORT gets `NBD_REP_ERR_TLS_REQD`.
-    Require,
-}
-
-impl TlsMode {
-    /// The flag value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TlsMode::Off => "off",
-            TlsMode::On => "on",
-            TlsMode::Require => "require",
-        }
-    }
-}
+/// `--tls` mode: the server's own type, so the flag spelling cannot drift.
+pub use ringbd::config::TlsMode;
 
 /// The server under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
