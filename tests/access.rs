@@ -6,23 +6,9 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
+use std::path::Path;
 
 use common::*;
-
-const TIMEOUT: Duration = Duration::from_secs(60);
-
-fn write_config(dir: &Path, text: &str) -> PathBuf {
-    let path = dir.join("ringbd.toml");
-    fs::write(&path, text).expect("write config");
-    path
-}
-
-fn ringbd(args: &[&str]) -> RunOutput {
-    run(Command::new(ringbd_bin()).args(args), TIMEOUT)
-}
 
 const GOOD: &str = r#"
 [server]

@@ -42,8 +42,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::free_tcp_port;
 use common::guest::{Guest, GuestOutput, RunningGuest, require_guest};
-use common::tls::{Ca, ServerCreds, Subject, free_tcp_port, json_u64};
+use common::tls::{Ca, ServerCreds, Subject, json_u64};
 use common::*;
 
 const MIB: u64 = 1 << 20;

@@ -25,22 +25,6 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 /// Small servers: the tests run in parallel on two cores.
 const SMALL: [&str; 4] = ["--shards", "1", "--buffer-mib", "32"];
 
-fn write_config(dir: &Path, text: &str) -> PathBuf {
-    let path = dir.join("ringbd.toml");
-    fs::write(&path, text).expect("write config");
-    path
-}
-
-fn ringbd(args: &[&str]) -> RunOutput {
-    run(Command::new(ringbd_bin()).args(args), TIMEOUT)
-}
-
-/// A TCP port that was free a moment ago on 127.0.0.1.
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local address").port()
-}
-
 /// `GET path` over HTTP/1.1 with std only; returns the status line and the body.
 fn http_get(address: SocketAddr, path: &str) -> std::io::Result<(String, String)> {
     let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5))?;
@@ -297,7 +281,7 @@ fn pid_file_is_written_and_removed_on_a_clean_stop() {
 
 #[test]
 fn unix_mode_and_several_tcp_listeners() {
-    let (first, second) = (free_port(), free_port());
+    let (first, second) = (free_tcp_port(), free_tcp_port());
     let mut spec = ServerSpec::new("memory:1M")
         .options(&SMALL)
         .options(&["--unix-mode", "0600"])
@@ -376,7 +360,7 @@ fn metrics_count_the_commands_fio_sent() {
     if !require_tools(&["fio", "jq"]) {
         return;
     }
-    let port = free_port();
+    let port = free_tcp_port();
     let metrics = SocketAddr::from(([127, 0, 0, 1], port));
     let server = ServerSpec::new("vm=memory:16M")
         .options(&SMALL)

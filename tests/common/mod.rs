@@ -269,6 +269,27 @@ pub fn try_run(
     }
 }
 
+/// Writes `text` as `DIR/ringbd.toml` and returns its path.
+pub fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("ringbd.toml");
+    fs::write(&path, text).expect("write config");
+    path
+}
+
+/// Runs `ringbd ARGS` to completion (check-config, --help, a serve expected to fail).
+pub fn ringbd(args: &[&str]) -> RunOutput {
+    run(Command::new(ringbd_bin()).args(args), RINGBD_RUN_TIMEOUT)
+}
+
+/// Longest a one-shot `ringbd` command may take.
+pub const RINGBD_RUN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A TCP port that was free a moment ago on 127.0.0.1.
+pub fn free_tcp_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local address").port()
+}
+
 /// Runs `/usr/bin/python3 tests/python/<script> args...` and asserts success.
 pub fn python(script: &str, args: &[&str], timeout: Duration) -> String {
     let path = repo_root().join("tests/python").join(script);

@@ -26,24 +26,18 @@
 #![allow(dead_code)]
 
 use std::fs::{self, File};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{RunOutput, Server, ServerSpec, run, send_signal, wait_timeout};
+use super::{RunOutput, Server, ServerSpec, free_tcp_port, run, send_signal, wait_timeout};
 
 /// Bound on every client command (nbdinfo, qemu-img, certtool, ...).
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The tools the TLS tests need besides nbdinfo and qemu-img.
 pub const CREDENTIAL_TOOLS: [&str; 2] = ["certtool", "psktool"];
-
-/// A TCP port on 127.0.0.1 that was free a moment ago (the kernel picked it).
-pub fn free_tcp_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local_addr").port()
-}
 
 fn certtool(args: &[&str]) {
     run(Command::new("certtool").args(args), CLIENT_TIMEOUT).ok();
