@@ -211,11 +211,6 @@ impl Exports {
             .clone()
     }
 
-    /// Whether `id` is offered to new clients.
-    pub fn is_visible(&self, id: usize) -> bool {
-        self.visible().iter().any(|info| info.id == id)
-    }
-
     /// Publishes the list new clients see.
     pub fn set_visible(&self, ids: &[usize]) {
         let infos = ids.iter().map(|&id| self[id].info.clone()).collect();
