@@ -35,6 +35,7 @@ pub mod control;
 pub mod exports;
 pub mod faults;
 pub mod metrics;
+pub mod placement;
 pub mod process;
 pub mod ring;
 pub mod security;

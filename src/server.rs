@@ -6,7 +6,8 @@
 //! Unix sockets have no SO_REUSEPORT load balancing, and accepting is not on the request
 //! path, so a single blocking acceptor (poll over every listener plus a stop eventfd) feeds
 //! the shards over crossbeam channels and wakes each through an eventfd read posted on its
-//! ring. Placement picks the shard with the fewest live connections.
+//! ring. Placement picks the shard with the fewest live connections, and among those one on a
+//! CPU that takes the exports' disk interrupts ([`crate::placement`]).
 //!
 //! # Connection limit
 //!
@@ -38,6 +39,7 @@ use crate::access::Peer;
 use crate::config::{Config, ExportSpec, Listen};
 use crate::exports::Exports;
 use crate::metrics::{self, MetricsServer, ServerCounters};
+use crate::placement;
 use crate::ring::sys;
 use crate::security::{Security, SecurityCell};
 use crate::shard::{self, Export, NewConn, ShardLoad, Shared, Socket};
@@ -279,6 +281,7 @@ fn open_export(spec: &ExportSpec, registry: &Exports) -> Result<usize> {
 }
 
 struct ShardThread {
+    cpu: Option<usize>,
     sender: Sender<NewConn>,
     wake: OwnedFd,
     load: Arc<ShardLoad>,
@@ -310,6 +313,7 @@ fn spawn_shards(config: &Config, shared: &Arc<Shared>) -> Result<Vec<ShardThread
             })
             .context("cannot spawn a shard thread")?;
         shards.push(ShardThread {
+            cpu: core.map(|core| core.id),
             sender,
             wake,
             load,
@@ -325,6 +329,41 @@ fn spawn_shards(config: &Config, shared: &Arc<Shared>) -> Result<Vec<ShardThread
         }
     }
     Ok(shards)
+}
+
+/// Marks the shards running on CPUs that take the completion interrupts of the exports'
+/// disks, so that the acceptor prefers them among equally loaded shards ([`placement`]).
+fn prefer_interrupt_cpus(config: &Config, shards: &[ShardThread]) {
+    let mut irq_cpus = placement::CpuSet::new();
+    for spec in &config.exports {
+        let Source::Path(path) = &spec.source else {
+            continue;
+        };
+        let Some(dev) = placement::device_of(path) else {
+            continue;
+        };
+        match placement::completion_cpus(Path::new("/"), dev) {
+            Some(cpus) => {
+                tracing::debug!(export = %spec.name, ?dev, ?cpus, "disk completion interrupts");
+                irq_cpus.extend(cpus);
+            }
+            None => tracing::debug!(export = %spec.name, ?dev, "disk interrupts unknown"),
+        }
+    }
+    let cpus: Vec<Option<usize>> = shards.iter().map(|shard| shard.cpu).collect();
+    let preferred = placement::preferred_shards(&cpus, &irq_cpus);
+    for (shard, &prefer) in shards.iter().zip(&preferred) {
+        shard.load.preferred.store(prefer, Ordering::Relaxed);
+    }
+    let chosen: Vec<usize> = (0..shards.len()).filter(|&i| preferred[i]).collect();
+    if !chosen.is_empty() {
+        tracing::info!(
+            irq_cpus = ?irq_cpus,
+            shards = ?chosen,
+            "disk completion interrupts go to some CPUs only: new connections prefer the \
+             shards there among equally loaded ones"
+        );
+    }
 }
 
 /// Counters the acceptor keeps.
@@ -380,6 +419,7 @@ pub fn start_with(
         handshake_timeout: Duration::from_secs(config.handshake_timeout_seconds),
     });
     let shards = spawn_shards(config, &shared)?;
+    prefer_interrupt_cpus(config, &shards);
     before_accept()?;
     let acceptor_wake = Arc::new(sys::eventfd().context("eventfd")?);
     let unix_paths = listeners
@@ -488,11 +528,14 @@ impl Acceptor {
             drop(conn);
             return;
         }
-        let (sender, wake, _) = self
-            .shards
-            .iter()
-            .min_by_key(|(_, _, load)| load.connections.load(Ordering::Relaxed))
-            .expect("at least one shard");
+        let loads = self.shards.iter().map(|(_, _, load)| {
+            (
+                load.connections.load(Ordering::Relaxed),
+                load.preferred.load(Ordering::Relaxed),
+            )
+        });
+        let index = placement::choose(loads).expect("at least one shard");
+        let (sender, wake, _) = &self.shards[index];
         if sender.send(conn).is_ok() {
             sys::eventfd_signal(*wake);
         }
@@ -564,6 +607,7 @@ impl Server {
         let ids = open_exports(config, exports)?;
         exports.set_visible(&ids);
         self.shared.security.replace(security);
+        prefer_interrupt_cpus(config, &self.shards);
         let added: Vec<&str> = ids
             .iter()
             .filter(|id| !before.contains(id))

@@ -128,6 +128,8 @@ pub struct NewConn {
 pub struct ShardLoad {
     /// Live connections (for least-loaded placement).
     pub connections: AtomicUsize,
+    /// Runs on a CPU that takes the exports' disk interrupts (see [`crate::placement`]).
+    pub preferred: AtomicBool,
 }
 
 #[derive(Debug, Clone, Copy)]
