@@ -251,6 +251,28 @@ impl TlsMode {
     }
 }
 
+/// `placement` / `--placement`: how the acceptor picks a shard for a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Placement {
+    /// The least-loaded shard; among equals, one on a CPU that takes the exports' disk
+    /// interrupts (lower latency at low queue depth; see `crate::placement`).
+    #[default]
+    Interrupts,
+    /// The least-loaded shard, lowest index among equals (spreads CPU load away from the
+    /// interrupt CPU, which can help throughput when the server shares a few CPUs).
+    LeastLoaded,
+}
+
+impl Placement {
+    /// The configuration spelling: `interrupts`, `least-loaded`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Placement::Interrupts => "interrupts",
+            Placement::LeastLoaded => "least-loaded",
+        }
+    }
+}
+
 /// `tls_kernel` / `--tls-kernel`: kernel TLS offload after the handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KernelTls {
@@ -451,6 +473,8 @@ pub struct Config {
     pub listen: Vec<Listen>,
     /// Number of shards (threads with a ring each).
     pub shards: usize,
+    /// How new connections are spread over the shards.
+    pub placement: Placement,
     /// Maximum in-flight requests per connection.
     pub queue_depth: u32,
     /// Registered buffer pool per shard, MiB.

@@ -31,7 +31,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use toml::Spanned;
 
 use crate::access::{self, ExportPolicy, ListenerPolicy};
-use crate::config::{self, Config, ExportSpec, KernelTls, Listen, TlsMode, TlsSettings};
+use crate::config::{self, Config, ExportSpec, KernelTls, Listen, Placement, TlsMode, TlsSettings};
 use crate::target::backend::{CacheMode, Source};
 
 /// The whole file.
@@ -79,6 +79,9 @@ pub struct ServerTable {
         skip_serializing_if = "Option::is_none"
     )]
     pub shards: Option<usize>,
+    /// Shard choice for new connections: `interrupts` or `least-loaded`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PlacementSetting>,
     /// Prometheus endpoint, `HOST:PORT`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<Address>,
@@ -245,6 +248,34 @@ impl From<TlsMode> for TlsSetting {
             TlsMode::Off => TlsSetting::Off,
             TlsMode::On => TlsSetting::On,
             TlsMode::Require => TlsSetting::Require,
+        }
+    }
+}
+
+/// `placement = "interrupts" | "least-loaded"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PlacementSetting {
+    /// Least-loaded, then a shard on a disk-interrupt CPU.
+    Interrupts,
+    /// Least-loaded only.
+    LeastLoaded,
+}
+
+impl From<PlacementSetting> for Placement {
+    fn from(setting: PlacementSetting) -> Placement {
+        match setting {
+            PlacementSetting::Interrupts => Placement::Interrupts,
+            PlacementSetting::LeastLoaded => Placement::LeastLoaded,
+        }
+    }
+}
+
+impl From<Placement> for PlacementSetting {
+    fn from(placement: Placement) -> PlacementSetting {
+        match placement {
+            Placement::Interrupts => PlacementSetting::Interrupts,
+            Placement::LeastLoaded => PlacementSetting::LeastLoaded,
         }
     }
 }
@@ -801,6 +832,8 @@ pub struct Overrides {
     pub read_only: bool,
     /// `--shards`.
     pub shards: Option<usize>,
+    /// `--placement`.
+    pub placement: Option<Placement>,
     /// `--cache`: every export.
     pub cache: Option<CacheMode>,
     /// `--queue-depth`.
@@ -974,6 +1007,10 @@ fn data_plane_config(
             .shards
             .or(server.shards)
             .unwrap_or(environment.cores),
+        placement: overrides
+            .placement
+            .or(server.placement.map(Into::into))
+            .unwrap_or_default(),
         queue_depth: overrides
             .queue_depth
             .or(server.queue_depth)
@@ -1214,6 +1251,7 @@ impl Settings {
             unix,
             unix_mode: config.unix_mode.map(Mode),
             shards: Some(config.shards),
+            placement: Some(config.placement.into()),
             metrics: self.metrics.clone().map(Address),
             queue_depth: Some(config.queue_depth),
             buffer_mib: Some(config.buffer_mib),
@@ -1310,6 +1348,7 @@ listen = ["[::]:10809", "127.0.0.1:10810"]
 unix = "/run/ringbd/ringbd.sock"
 unix_mode = "0660"
 shards = 2
+placement = "least-loaded"
 metrics = "127.0.0.1:9810"
 max_connections = 64
 handshake_timeout_seconds = 5
@@ -1343,6 +1382,7 @@ read_only = true
         let settings = resolve(Some(&file), &Overrides::default(), ENVIRONMENT).unwrap();
         let config = &settings.config;
         assert_eq!(config.shards, 2);
+        assert_eq!(config.placement, Placement::LeastLoaded);
         assert_eq!(config.max_connections, 64);
         assert_eq!(config.handshake_timeout_seconds, 5);
         assert_eq!(config.unix_mode, Some(0o660));

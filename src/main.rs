@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use ringbd::access;
-use ringbd::config::{self, Config, KernelTls, TlsMode};
+use ringbd::config::{self, Config, KernelTls, Placement, TlsMode};
 use ringbd::config_file::{self, Environment, Overrides, ResolveError, Settings};
 use ringbd::faults::FaultSettings;
 use ringbd::process::{self, PidFile};
@@ -129,6 +129,11 @@ struct ServeArgs {
     /// Number of shards (threads, each with its own io_uring). Default: one per online core.
     #[arg(long, value_name = "N")]
     shards: Option<usize>,
+    /// How new connections are spread over shards: interrupts (least-loaded, then a shard
+    /// on a CPU that takes the disks' completion interrupts: lower latency at low depth) or
+    /// least-loaded. Default: interrupts.
+    #[arg(long, value_enum, value_name = "POLICY")]
+    placement: Option<PlacementArg>,
     /// Page-cache mode for file exports (every export). Default: direct.
     #[arg(long, value_enum)]
     cache: Option<CacheArg>,
@@ -231,6 +236,14 @@ enum TlsArg {
     On,
     /// Every client must use TLS.
     Require,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum PlacementArg {
+    /// Least-loaded, then a shard on a disk-interrupt CPU.
+    Interrupts,
+    /// Least-loaded only.
+    LeastLoaded,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -403,6 +416,10 @@ fn overrides(args: ServeArgs) -> Overrides {
         unix_mode: args.unix_mode,
         read_only: args.read_only,
         shards: args.shards,
+        placement: args.placement.map(|placement| match placement {
+            PlacementArg::Interrupts => Placement::Interrupts,
+            PlacementArg::LeastLoaded => Placement::LeastLoaded,
+        }),
         cache: args.cache.map(|cache| match cache {
             CacheArg::Direct => CacheMode::Direct,
             CacheArg::Writeback => CacheMode::Writeback,

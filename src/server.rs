@@ -36,7 +36,7 @@ use anyhow::{Context, Result, bail};
 use crossbeam_channel::Sender;
 
 use crate::access::Peer;
-use crate::config::{Config, ExportSpec, Listen};
+use crate::config::{Config, ExportSpec, Listen, Placement};
 use crate::exports::Exports;
 use crate::metrics::{self, MetricsServer, ServerCounters};
 use crate::placement;
@@ -335,7 +335,11 @@ fn spawn_shards(config: &Config, shared: &Arc<Shared>) -> Result<Vec<ShardThread
 /// disks, so that the acceptor prefers them among equally loaded shards ([`placement`]).
 fn prefer_interrupt_cpus(config: &Config, shards: &[ShardThread]) {
     let mut irq_cpus = placement::CpuSet::new();
-    for spec in &config.exports {
+    let exports = match config.placement {
+        Placement::Interrupts => config.exports.as_slice(),
+        Placement::LeastLoaded => &[],
+    };
+    for spec in exports {
         let Source::Path(path) = &spec.source else {
             continue;
         };

@@ -645,3 +645,63 @@ fn the_contrib_example_configuration_is_valid() {
     assert_eq!(out.status.code(), Some(0), "{out}");
     assert!(out.stdout.contains("name = \"vm1\""), "{out}");
 }
+
+/// The preferred shard under `--placement interrupts` with `--shards 2`, if any, worked
+/// out without ringbd (`tests/python/irq_shard.py`).
+fn expected_interrupt_shard(file: &Path) -> Option<usize> {
+    let out = python("irq_shard.py", &[file.to_str().unwrap()], TIMEOUT);
+    match out.trim() {
+        "none" => None,
+        index => Some(index.parse().expect("the oracle prints a shard index")),
+    }
+}
+
+/// Connects once with nbdinfo and returns the shard the server logged for it.
+fn first_connection_shard(server: &Server) -> usize {
+    let uri = server.uri("");
+    run(Command::new("nbdinfo").args(["--size", &uri]), TIMEOUT).ok();
+    let log = server.log();
+    let line = log
+        .lines()
+        .find(|line| line.contains("client connected"))
+        .unwrap_or_else(|| panic!("no connection logged:\n{log}"));
+    let shard = line.split("shard=").nth(1).expect("shard= in the line");
+    shard[..shard.find(' ').unwrap()].parse().unwrap()
+}
+
+#[test]
+fn placement_prefers_the_disk_interrupt_cpu_or_follows_least_loaded() {
+    if !require_tool("nbdinfo") {
+        return;
+    }
+    let dir = tempdir();
+    let image = dir.path().join("disk.img");
+    sparse_file(&image, 1 << 20);
+    let expected = expected_interrupt_shard(&image);
+    let path = image.to_str().unwrap();
+    let two = ["--shards", "2", "--buffer-mib", "32"];
+    let server = ServerSpec::new(path).options(&two).start();
+    assert_eq!(
+        first_connection_shard(&server),
+        expected.unwrap_or(0),
+        "default placement; log:\n{}",
+        server.log()
+    );
+    assert_eq!(
+        server
+            .log()
+            .contains("new connections prefer the shards there"),
+        expected.is_some(),
+        "the preference is logged exactly when there is one"
+    );
+    let server = ServerSpec::new(path)
+        .options(&two)
+        .options(&["--placement", "least-loaded"])
+        .start();
+    assert_eq!(
+        first_connection_shard(&server),
+        0,
+        "least-loaded takes shard 0"
+    );
+    assert!(!server.log().contains("prefer the shards"));
+}
