@@ -155,11 +155,14 @@ fn irq_cpus(root: &Path, irq: u32) -> Option<CpuSet> {
 }
 
 /// Which shards to prefer, given each shard's CPU (if pinned) and the interrupt CPUs: those
-/// on an interrupt CPU, unless that is all of them or none (then no preference).
+/// on an interrupt CPU, unless that is all of them or none (then no preference). With more
+/// shards than CPUs only the first shard on each CPU counts, so that a second connection
+/// goes to another CPU rather than to a second shard on the same one.
 pub fn preferred_shards(shard_cpus: &[Option<usize>], irq_cpus: &CpuSet) -> Vec<bool> {
+    let mut seen = CpuSet::new();
     let preferred: Vec<bool> = shard_cpus
         .iter()
-        .map(|cpu| cpu.is_some_and(|cpu| irq_cpus.contains(&cpu)))
+        .map(|cpu| cpu.is_some_and(|cpu| seen.insert(cpu) && irq_cpus.contains(&cpu)))
         .collect();
     if preferred.iter().all(|&p| p) || !preferred.iter().any(|&p| p) {
         return vec![false; shard_cpus.len()];
@@ -303,14 +306,24 @@ mod tests {
             vec![false, true]
         );
         assert_eq!(preferred_shards(&[None, None], &irq), vec![false, false]);
+        // Both on the interrupt CPU: only the first counts (the same CPU either way).
         assert_eq!(
             preferred_shards(&[Some(1), Some(1)], &irq),
-            vec![false, false]
+            vec![true, false]
         );
         assert_eq!(
             preferred_shards(&[Some(0), Some(2)], &irq),
             vec![false, false]
         );
+        // Four shards on two CPUs: one preferred shard, so two connections use both CPUs.
+        let four = [Some(0), Some(1), Some(0), Some(1)];
+        let preferred = preferred_shards(&four, &irq);
+        assert_eq!(preferred, vec![false, true, false, false]);
+        let first = choose(preferred.iter().map(|&p| (0, p))).unwrap();
+        assert_eq!(first, 1);
+        let loads = [0, 1, 0, 0];
+        let second = choose(loads.iter().zip(&preferred).map(|(&l, &p)| (l, p))).unwrap();
+        assert_eq!(four[second], Some(0));
     }
 
     #[test]

@@ -44,5 +44,6 @@ except OSError:
     irq = set()
 allowed = sorted(os.sched_getaffinity(0))
 shard_cpus = [allowed[i % len(allowed)] for i in range(2)]
-preferred = [cpu in irq for cpu in shard_cpus]
+# Only the first shard on each CPU counts (ringbd's rule for more shards than CPUs).
+preferred = [cpu in irq and cpu not in shard_cpus[:i] for i, cpu in enumerate(shard_cpus)]
 print(preferred.index(True) if any(preferred) and not all(preferred) else "none")
