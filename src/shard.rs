@@ -55,6 +55,12 @@ use crate::tls::Identity;
 // Every handshake option the protocol engine buffers must fit a connection's receive buffer.
 const _: () = assert!(RECV_BUFFER_BYTES >= crate::target::handshake::HANDSHAKE_INPUT_BYTES_MAX);
 
+/// READs and WRITEs of memory exports up to this size are copied in the shard (`pread`/
+/// `pwrite` on the memfd) instead of going through the ring: tmpfs does not serve io_uring
+/// reads inline, so each one would wake one of io_uring's worker threads, a thread hand-off
+/// that costs more than copying 64 KiB. Larger ones still go through the ring (and its
+/// workers), so a big copy does not hold up the shard's other connections.
+const MEMORY_INLINE_BYTES_MAX: usize = 64 << 10;
 /// Completions handled per tick.
 const COMPLETIONS_PER_TICK_MAX: usize = 512;
 /// How often a shard copies its statistics to the shared hub.
@@ -1222,11 +1228,13 @@ impl Shard {
     }
 
     fn submit_io(&mut self, request_key: usize) {
+        let inline = self.copies_inline(request_key);
         let request = &mut self.requests[request_key];
         let ctx = Ctx::Io(request_key);
         let (fd, done) = (request.fd, request.done);
         match request.op {
             Op::Read | Op::Write if request.span == 0 => self.finish(request_key, Ok(())),
+            Op::Read | Op::Write if inline => self.copy_inline(request_key),
             Op::Read => {
                 let buf = request.buf.take().expect("read buffer");
                 let (at, len) = (done as usize, request.span - done as usize);
@@ -1258,6 +1266,37 @@ impl Shard {
                     .fadvise(fd, offset, length, libc::POSIX_FADV_WILLNEED, ctx);
             }
         }
+    }
+
+    /// Whether this READ or WRITE is served by a copy in the shard ([`MEMORY_INLINE_BYTES_MAX`]).
+    fn copies_inline(&self, request_key: usize) -> bool {
+        let request = &self.requests[request_key];
+        let export = &self.shared.exports[self.conns[request.conn].export];
+        export.backend.is_memory() && request.span <= MEMORY_INLINE_BYTES_MAX
+    }
+
+    /// Serves a READ or WRITE of a memory export with `pread`/`pwrite` on the memfd and
+    /// completes it as a ring completion would.
+    fn copy_inline(&mut self, request_key: usize) {
+        use std::os::unix::fs::FileExt;
+        let request = &mut self.requests[request_key];
+        let buf = request.buf.take().expect("I/O buffer");
+        let (at, end) = (request.done as usize, request.span);
+        let offset = request.file_offset + request.done;
+        let write = request.op == Op::Write;
+        let export = &self.shared.exports[self.conns[request.conn].export];
+        let medium = export.backend.medium();
+        let bytes = &mut self.ring.pool_mut().bytes_mut(&buf)[at..end];
+        let copied = if write {
+            medium.write_at(bytes, offset)
+        } else {
+            medium.read_at(bytes, offset)
+        };
+        let result = match copied {
+            Ok(count) => i32::try_from(count).expect("at most MEMORY_INLINE_BYTES_MAX"),
+            Err(error) => -error.raw_os_error().unwrap_or(libc::EIO),
+        };
+        self.io_done(request_key, result, crate::ring::Resources::Buf(buf));
     }
 
     fn io_done(&mut self, request_key: usize, result: i32, resources: crate::ring::Resources) {

@@ -1,5 +1,6 @@
 //! Command semantics through python3-libnbd (`tests/python/*.py`): TRIM, WRITE_ZEROES, FLUSH,
-//! FUA, CACHE, block status, error numbers, read-only exports, multi-connection visibility.
+//! FUA, CACHE, block status, error numbers, read-only exports, multi-connection visibility;
+//! small I/O on memory exports copied in the shard, without io_uring worker threads.
 
 mod common;
 
@@ -38,6 +39,38 @@ fn commands_on_a_writeback_file_export() {
         .options(&["--cache", "writeback"])
         .start();
     python("commands.py", &[socket(&server), "file"], TIMEOUT);
+}
+
+/// Names of the server's threads.
+fn thread_names(pid: u32) -> Vec<String> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("server tasks");
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("comm")).ok())
+        .map(|name| name.trim().to_string())
+        .collect()
+}
+
+#[test]
+fn small_io_on_a_memory_export_needs_no_io_worker_threads() {
+    if !require_python_nbd() {
+        return;
+    }
+    let server = ServerSpec::new("memory:64M").start();
+    let out = python("small_io.py", &[socket(&server), "2000"], TIMEOUT);
+    assert_eq!(out.trim(), "ok 2000");
+    // io_uring's workers linger for seconds after their last request, so one that served
+    // any of the 4000 requests is still listed.
+    let names = thread_names(server.pid());
+    assert!(
+        names.iter().any(|name| name.starts_with("ringbd-shard")),
+        "{names:?}"
+    );
+    let workers: Vec<&String> = names.iter().filter(|n| n.starts_with("iou-wrk")).collect();
+    assert!(
+        workers.is_empty(),
+        "4 KiB I/O went to io_uring workers: {workers:?}"
+    );
 }
 
 #[test]

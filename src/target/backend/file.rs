@@ -120,6 +120,11 @@ impl FileBackend {
         self.direct.is_some()
     }
 
+    /// Whether this is a RAM disk (`memory:SIZE`, a memfd).
+    pub fn is_memory(&self) -> bool {
+        self.memory
+    }
+
     /// What this backend implements, for the transmission flags.
     pub fn capabilities(&self) -> Capabilities {
         Capabilities {
