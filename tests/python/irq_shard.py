@@ -17,25 +17,54 @@ def cpus(text):
     return out
 
 
-def irq_cpus(dev):
-    block = os.path.realpath("/sys/dev/block/%d:%d" % (os.major(dev), os.minor(dev)))
-    if os.path.exists(os.path.join(block, "partition")):
-        block = os.path.dirname(block)
-    directory = os.path.realpath(os.path.join(block, "device"))
+def one_irq(base):
+    """CPUs of one interrupt; none for virtio configuration interrupts or unreadable ones."""
+    try:
+        handlers = [n for n in os.listdir(base) if os.path.isdir(os.path.join(base, n))]
+        if any(name.endswith("-config") for name in handlers):
+            return set()
+        for name in ("effective_affinity_list", "smp_affinity_list"):
+            try:
+                with open(os.path.join(base, name)) as f:
+                    return cpus(f.read())
+            except OSError:
+                continue
+    except OSError:
+        pass
+    return set()
+
+
+def device_cpus(device):
+    directory = os.path.realpath(device)
     for _ in range(5):
         msi = os.path.join(directory, "msi_irqs")
         if os.path.isdir(msi):
             found = set()
             for irq in os.listdir(msi):
-                base = "/proc/irq/" + irq
-                handlers = [n for n in os.listdir(base) if os.path.isdir(os.path.join(base, n))]
-                if any(name.endswith("-config") for name in handlers):
-                    continue
-                with open(base + "/effective_affinity_list") as f:
-                    found |= cpus(f.read())
+                found |= one_irq("/proc/irq/" + irq)
             return found
         directory = os.path.dirname(directory)
     return set()
+
+
+def block_cpus(block, depth=0):
+    """A disk's interrupt CPUs; for dm/md devices the union over the disks under them."""
+    if os.path.exists(os.path.join(block, "partition")):
+        block = os.path.dirname(block)
+    if os.path.exists(os.path.join(block, "device")):
+        found = device_cpus(os.path.join(block, "device"))
+        if found:
+            return found
+    found = set()
+    slaves = os.path.join(block, "slaves")
+    if depth < 4 and os.path.isdir(slaves):
+        for slave in os.listdir(slaves):
+            found |= block_cpus(os.path.realpath(os.path.join(slaves, slave)), depth + 1)
+    return found
+
+
+def irq_cpus(dev):
+    return block_cpus(os.path.realpath("/sys/dev/block/%d:%d" % (os.major(dev), os.minor(dev))))
 
 
 try:
