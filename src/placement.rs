@@ -6,8 +6,9 @@
 //! on the interrupt's own CPU that is a local wake-up, on any other CPU an inter-processor
 //! interrupt, which in a virtual machine is an exit to the hypervisor for the sender and an
 //! entry for the halted receiver. At queue depth 1 that wake-up is on every request's path
-//! (measured in `tuning/README.md` §1: 4k random reads at QD1 took 121–127 µs with the
-//! connection on the other CPU and 93–99 µs on the interrupt's CPU).
+//! (measured in `tuning/README.md` §1: 4k random reads at QD1, 117 µs mean with the
+//! connection on the other CPU, 90 µs on the interrupt's CPU). A connection that keeps a CPU
+//! busy can lose by sharing it with the interrupts, hence `placement = "least-loaded"`.
 //!
 //! Devices with one queue per CPU (NVMe, multi-queue virtio) complete on the submitting CPU
 //! already; their interrupts cover every shard's CPU, and then no shard is preferred.
