@@ -1228,13 +1228,14 @@ impl Shard {
     }
 
     fn submit_io(&mut self, request_key: usize) {
-        let inline = self.copies_inline(request_key);
+        if self.copy_inline(request_key) {
+            return;
+        }
         let request = &mut self.requests[request_key];
         let ctx = Ctx::Io(request_key);
         let (fd, done) = (request.fd, request.done);
         match request.op {
             Op::Read | Op::Write if request.span == 0 => self.finish(request_key, Ok(())),
-            Op::Read | Op::Write if inline => self.copy_inline(request_key),
             Op::Read => {
                 let buf = request.buf.take().expect("read buffer");
                 let (at, len) = (done as usize, request.span - done as usize);
@@ -1268,23 +1269,22 @@ impl Shard {
         }
     }
 
-    /// Whether this READ or WRITE is served by a copy in the shard ([`MEMORY_INLINE_BYTES_MAX`]).
-    fn copies_inline(&self, request_key: usize) -> bool {
-        let request = &self.requests[request_key];
-        let export = &self.shared.exports[self.conns[request.conn].export];
-        export.backend.is_memory() && request.span <= MEMORY_INLINE_BYTES_MAX
-    }
-
-    /// Serves a READ or WRITE of a memory export with `pread`/`pwrite` on the memfd and
-    /// completes it as a ring completion would.
-    fn copy_inline(&mut self, request_key: usize) {
+    /// Serves a non-empty READ or WRITE of a memory export up to [`MEMORY_INLINE_BYTES_MAX`]
+    /// with `pread`/`pwrite` on the memfd, completing it as a ring completion would; false
+    /// (nothing done) for any other request.
+    fn copy_inline(&mut self, request_key: usize) -> bool {
         use std::os::unix::fs::FileExt;
         let request = &mut self.requests[request_key];
+        let export = &self.shared.exports[self.conns[request.conn].export];
+        let read_or_write = matches!(request.op, Op::Read | Op::Write);
+        let small = (1..=MEMORY_INLINE_BYTES_MAX).contains(&request.span);
+        if !(read_or_write && small && export.backend.is_memory()) {
+            return false;
+        }
         let buf = request.buf.take().expect("I/O buffer");
         let (at, end) = (request.done as usize, request.span);
         let offset = request.file_offset + request.done;
         let write = request.op == Op::Write;
-        let export = &self.shared.exports[self.conns[request.conn].export];
         let medium = export.backend.medium();
         let bytes = &mut self.ring.pool_mut().bytes_mut(&buf)[at..end];
         let copied = if write {
@@ -1297,6 +1297,7 @@ impl Shard {
             Err(error) => -error.raw_os_error().unwrap_or(libc::EIO),
         };
         self.io_done(request_key, result, crate::ring::Resources::Buf(buf));
+        true
     }
 
     fn io_done(&mut self, request_key: usize, result: i32, resources: crate::ring::Resources) {
@@ -1528,7 +1529,15 @@ impl Shard {
         conn.batch = Some(batch);
         conn.unsent -= conn.batch_replies;
         conn.batch_replies = 0;
-        if conn.closing {
+        self.after_send(key, complete, false);
+    }
+
+    /// What follows every completed send (plaintext batch or TLS ciphertext) once its buffers
+    /// are back: free a closing connection, close on a failed send, else send what queued
+    /// meanwhile, move a TLS session into the kernel if that waited for this send, end a
+    /// connection that asked to, and resume parsing input held back by backpressure.
+    fn after_send(&mut self, key: usize, complete: bool, to_kernel: bool) {
+        if self.conns[key].closing {
             self.maybe_free(key);
             return;
         }
@@ -1537,10 +1546,22 @@ impl Shard {
             return;
         }
         self.kick_send(key);
+        if to_kernel && self.is_open(key) {
+            self.tls_to_kernel(key);
+        }
+        // Sending (TLS errors) or the kernel switch may have closed the connection.
+        if !self.is_open(key) {
+            return;
+        }
         self.maybe_finish(key);
         if self.conns.contains(key) {
             self.process_input(key);
         }
+    }
+
+    /// The connection exists and is not closing.
+    fn is_open(&self, key: usize) -> bool {
+        self.conns.get(key).is_some_and(|conn| !conn.closing)
     }
 
     // ------------------------------------------------------------------ teardown

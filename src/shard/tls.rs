@@ -70,6 +70,24 @@ pub(super) enum Pump {
 }
 
 impl TlsLink {
+    /// A link over `session` with its two buffers; `cin[..received]` holds ciphertext not yet
+    /// fed; `active`: output is encrypted from the start.
+    fn new(session: TlsSession, cin: Buf, received: usize, cout: Buf, active: bool) -> TlsLink {
+        TlsLink {
+            session,
+            cin: Some(cin),
+            cin_start: 0,
+            cin_end: received,
+            cout: Some(cout),
+            csend: Some(Box::default()),
+            plain: Box::default(),
+            plain_replies: 0,
+            active,
+            switch_pending: false,
+            close_notified: false,
+        }
+    }
+
     /// Nothing left to encrypt or send.
     pub(super) fn is_idle(&self) -> bool {
         self.plain.is_empty() && self.csend.is_some() && !self.session.wants_write()
@@ -127,19 +145,7 @@ impl Shard {
         assert!(early <= CIPHER_IN_BYTES);
         pool.copy_between(rbuf, conn.rstart, &cin, 0, early);
         conn.rstart = conn.rend;
-        conn.tls = Some(Box::new(TlsLink {
-            session,
-            cin: Some(cin),
-            cin_start: 0,
-            cin_end: early,
-            cout: Some(cout),
-            csend: Some(Box::default()),
-            plain: Box::default(),
-            plain_replies: 0,
-            active: false,
-            switch_pending: false,
-            close_notified: false,
-        }));
+        conn.tls = Some(Box::new(TlsLink::new(session, cin, early, cout, false)));
         conn.out.push_back(Out::StartTls);
         Step::NeedInput
     }
@@ -303,26 +309,8 @@ impl Shard {
         assert!(bufs.next().is_none(), "one buffer per ciphertext send");
         drop(bufs);
         link.csend = Some(batch);
-        if conn.closing {
-            self.maybe_free(key);
-            return;
-        }
-        if !complete {
-            self.close(key, "send failed");
-            return;
-        }
-        let switch = link.switch_pending && !link.session.wants_write();
-        self.kick_send(key);
-        if switch {
-            self.tls_to_kernel(key);
-        }
-        if !self.conns.contains(key) {
-            return;
-        }
-        self.maybe_finish(key);
-        if self.conns.contains(key) {
-            self.process_input(key);
-        }
+        let to_kernel = link.switch_pending && !link.session.wants_write();
+        self.after_send(key, complete, to_kernel);
     }
 
     /// A connection ending cleanly (NBD_CMD_DISC, ABORT) shuts TLS down first, as the spec
@@ -366,7 +354,7 @@ impl Shard {
     }
 
     /// Moves the session into the kernel if nothing is buffered or in flight.
-    fn tls_to_kernel(&mut self, key: usize) {
+    pub(super) fn tls_to_kernel(&mut self, key: usize) {
         let conn = &mut self.conns[key];
         let link = conn.tls.as_deref_mut().expect("TLS link");
         link.switch_pending = false;
@@ -380,22 +368,16 @@ impl Shard {
                 "kernel TLS skipped: data buffered or in flight");
             return;
         }
-        let link = *conn.tls.take().expect("TLS link");
+        // Quiet: no receive or send in flight, so both buffers are home and `plain` is empty.
         let TlsLink {
-            session,
-            cin,
-            cout,
-            csend,
-            plain,
-            ..
-        } = link;
+            session, cin, cout, ..
+        } = *conn.tls.take().expect("TLS link");
+        let (cin, cout) = (cin.expect("no TLS receive"), cout.expect("no TLS send"));
         let pool = self.ring.pool_mut();
         match session.into_kernel(conn.fd) {
             Ok(kernel) => {
-                for buf in [cin, cout].into_iter().flatten() {
-                    pool.check_in(buf);
-                }
-                drop((csend, plain));
+                pool.check_in(cin);
+                pool.check_in(cout);
                 let rbuf = conn.rbuf.as_ref().expect("receive buffer present");
                 let leftover = &kernel.leftover_plaintext;
                 let room = RECV_BUFFER_BYTES - conn.rend;
@@ -412,24 +394,11 @@ impl Shard {
             Err(IntoKernelError::Declined { session, reason }) => {
                 tracing::debug!(shard = self.index, peer = %conn.peer, %reason,
                     "kernel TLS declined; staying in user space");
-                conn.tls = Some(Box::new(TlsLink {
-                    session: *session,
-                    cin,
-                    cin_start: 0,
-                    cin_end: 0,
-                    cout,
-                    csend,
-                    plain,
-                    plain_replies: 0,
-                    active: true,
-                    switch_pending: false,
-                    close_notified: false,
-                }));
+                conn.tls = Some(Box::new(TlsLink::new(*session, cin, 0, cout, true)));
             }
             Err(IntoKernelError::Failed(error)) => {
-                for buf in [cin, cout].into_iter().flatten() {
-                    pool.check_in(buf);
-                }
+                pool.check_in(cin);
+                pool.check_in(cout);
                 tracing::warn!(shard = self.index, peer = %conn.peer, %error, "kernel TLS");
                 self.close(key, "kernel TLS setup failed");
             }
