@@ -528,7 +528,7 @@ impl Acceptor {
         let open = self.open_connections();
         if open >= self.max_connections {
             self.counters.refused_total.fetch_add(1, Ordering::Relaxed);
-            refused_log.refused(&conn.peer.to_string(), open, self.max_connections);
+            refused_log.refused(&conn.peer, open, self.max_connections);
             drop(conn);
             return;
         }
@@ -569,7 +569,7 @@ impl RefusedLog {
         Some(std::mem::take(&mut self.suppressed))
     }
 
-    fn refused(&mut self, peer: &str, open: usize, max_connections: usize) {
+    fn refused(&mut self, peer: &Peer, open: usize, max_connections: usize) {
         if let Some(also_refused) = self.due() {
             tracing::warn!(
                 %peer, open, max_connections, also_refused,
