@@ -32,11 +32,13 @@
 //!
 //! # Client patterns
 //!
-//! `allow_clients` entries are checked at load time by [`ClientPattern::parse`] and stored in
-//! canonical text ([`ClientPattern`]'s `Display`): `CN=NAME` or a full distinguished name
-//! `CN=NAME,O=ORG` (attribute types upper-cased), `DNS:NAME` (lower-cased), `IP:ADDRESS`,
-//! `EMAIL:ADDRESS`, `URI:URI` (subjectAltName entries of the client certificate) and
-//! `PSK:IDENTITY` (the pre-shared-key identity). The TLS layer implements [`ClientIdentity`].
+//! `allow_clients` entries are parsed once, at load time, by [`ClientPattern::parse`] (the only
+//! grammar; its `Display` is the canonical text configuration output shows): `CN=NAME` (any
+//! common name of the subject) or a whole distinguished name `CN=NAME,O=ORG` (RFC 4514 order
+//! and escapes, `\,` or `\2C`; attribute types upper-cased, `E`/`EMAIL` = `EMAILADDRESS`),
+//! `DNS:NAME` (lower-cased), `IP:ADDRESS`, `EMAIL:ADDRESS`, `URI:URI` (subjectAltName entries
+//! of the client certificate) and `PSK:IDENTITY` (the pre-shared-key identity). The TLS layer
+//! implements [`ClientIdentity`] against the parsed patterns.
 
 use std::fmt;
 use std::io;
@@ -150,10 +152,8 @@ impl Denied {
 
 /// The authenticated identity of a TLS client, as the TLS layer knows it.
 pub trait ClientIdentity {
-    /// Whether this identity matches `pattern`, one of the canonical [`ClientPattern`] texts
-    /// (`CN=alice`, `CN=alice,O=Example`, `DNS:host.example`, `IP:10.0.0.1`,
-    /// `EMAIL:a@example`, `URI:spiffe://x`, `PSK:alice`).
-    fn matches(&self, pattern: &str) -> bool;
+    /// Whether this identity matches `pattern`.
+    fn matches(&self, pattern: &ClientPattern) -> bool;
 }
 
 /// A TLS client that presented no identity (no client certificate was requested): it is on
@@ -162,7 +162,7 @@ pub trait ClientIdentity {
 pub struct Anonymous;
 
 impl ClientIdentity for Anonymous {
-    fn matches(&self, _pattern: &str) -> bool {
+    fn matches(&self, _pattern: &ClientPattern) -> bool {
         false
     }
 }
@@ -196,8 +196,8 @@ pub struct ExportPolicy {
     pub allow: Vec<IpNet>,
     /// Users that may use it over unix sockets (empty: any).
     pub allow_uids: Vec<u32>,
-    /// Canonical client patterns; non-empty: only TLS clients matching one of them.
-    pub allow_clients: Vec<String>,
+    /// Client patterns; non-empty: only TLS clients matching one of them.
+    pub allow_clients: Vec<ClientPattern>,
     /// Refuse plaintext clients.
     pub tls_only: bool,
     /// Clients using the export at once (`None`: unlimited).
@@ -332,8 +332,9 @@ pub fn check_entries(count: usize) -> Result<(), String> {
 /// A parsed `allow_clients` pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientPattern {
-    /// `CN=alice` (one attribute: the subject has it with this value) or a whole subject
-    /// `CN=alice,O=Example` (RFC 4514 order); attribute types upper-case, values unescaped.
+    /// `CN=alice` (any common name of the subject is `alice`) or a whole subject
+    /// `CN=alice,O=Example` (the same single-valued RDNs in RFC 4514 order, most specific
+    /// first); attribute types upper-case, values unescaped.
     Subject(Vec<(String, String)>),
     /// `DNS:name`: a subjectAltName DNS entry (lower-case; `*.` wildcard first label allowed).
     Dns(String),
@@ -364,8 +365,9 @@ impl ClientPattern {
         if text.chars().any(char::is_control) {
             return fail("contains a control character");
         }
-        if text.trim() != text {
-            return fail("has leading or trailing spaces");
+        let trailing_space = text.trim_end() != text && !text.trim_end().ends_with('\\');
+        if text.trim_start() != text || trailing_space {
+            return fail("has leading or trailing spaces (escape a significant one as '\\ ')");
         }
         let checked = match text.split_once(':') {
             Some((kind, value)) if is_san_kind(kind) => parse_tagged(kind, value),
@@ -474,11 +476,15 @@ fn parse_subject(text: &str) -> Result<Vec<(String, String)>, String> {
                 "'{kind}' is not an attribute type (CN, O, OU, ... or an OID)"
             ));
         }
-        let value = unescape(value.trim())?;
+        let value = unescape(value)?;
         if value.is_empty() {
             return Err(format!("attribute {kind} has an empty value"));
         }
-        attributes.push((kind.to_ascii_uppercase(), value));
+        let kind = match kind.to_ascii_uppercase().as_str() {
+            "E" | "EMAIL" => "EMAILADDRESS".to_string(),
+            upper => upper.to_string(),
+        };
+        attributes.push((kind, value));
     }
     Ok(attributes)
 }
@@ -507,41 +513,77 @@ fn split_unescaped(text: &str, separator: char) -> Result<Vec<&str>, String> {
     Ok(parts)
 }
 
+/// An RFC 4514 attribute value: `\\` escapes the next character, or gives a byte as two hex
+/// digits (`\\2C`); spaces around the value are ignored unless escaped.
 fn unescape(value: &str) -> Result<String, String> {
-    let mut out = String::with_capacity(value.len());
-    let mut chars = value.chars();
+    let mut bytes = Vec::with_capacity(value.len());
+    // Trailing-space trimming keeps everything up to the last escaped byte.
+    let mut kept = 0;
+    let mut chars = value.trim_start_matches(' ').chars().peekable();
+    let mut utf8 = [0u8; 4];
     while let Some(c) = chars.next() {
-        if c == '\\' {
-            out.push(chars.next().ok_or("ends with a lone '\\'")?);
-        } else {
-            out.push(c);
+        if c != '\\' {
+            bytes.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
+            continue;
         }
+        let escaped = chars.next().ok_or("ends with a lone '\\'")?;
+        match (
+            escaped.to_digit(16),
+            chars.peek().and_then(|next| next.to_digit(16)),
+        ) {
+            (Some(high), Some(low)) => {
+                chars.next();
+                bytes.push((high * 16 + low) as u8);
+            }
+            _ => bytes.extend_from_slice(escaped.encode_utf8(&mut utf8).as_bytes()),
+        }
+        kept = bytes.len();
     }
-    Ok(out)
+    while bytes.len() > kept && bytes.last() == Some(&b' ') {
+        bytes.pop();
+    }
+    String::from_utf8(bytes).map_err(|_| "hex escapes that are not UTF-8".to_string())
 }
 
-fn escape(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
+/// Appends `value` escaped as RFC 4514 says, so that [`ClientPattern::parse`] reads it back:
+/// `\\` before `, + " \\ < > ;`, a leading `#` or space and a trailing space; control
+/// characters as hex bytes (`\\00`). Also how the TLS layer renders certificate subjects.
+pub fn escape_value(value: &str, out: &mut String) {
+    let last = value.chars().count().saturating_sub(1);
     for (index, c) in value.chars().enumerate() {
-        if ",+\\\"<>;".contains(c) || (index == 0 && c == '#') {
+        let special = ",+\"\\<>;".contains(c)
+            || (index == 0 && (c == '#' || c == ' '))
+            || (index == last && c == ' ');
+        if c.is_control() {
+            let mut utf8 = [0u8; 4];
+            for byte in c.encode_utf8(&mut utf8).bytes() {
+                out.push_str(&format!("\\{byte:02X}"));
+            }
+            continue;
+        }
+        if special {
             out.push('\\');
         }
         out.push(c);
     }
-    out
 }
 
 impl fmt::Display for ClientPattern {
-    /// The canonical text: what configuration output shows and [`ClientIdentity::matches`]
-    /// receives.
+    /// The canonical text, which configuration output shows and [`ClientPattern::parse`]
+    /// reads back as the same pattern.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ClientPattern::Subject(attributes) => {
+                let mut text = String::new();
                 for (index, (kind, value)) in attributes.iter().enumerate() {
-                    let comma = if index == 0 { "" } else { "," };
-                    write!(f, "{comma}{kind}={}", escape(value))?;
+                    if index > 0 {
+                        text.push(',');
+                    }
+                    text.push_str(kind);
+                    text.push('=');
+                    escape_value(value, &mut text);
                 }
-                Ok(())
+                f.write_str(&text)
             }
             ClientPattern::Dns(name) => write!(f, "DNS:{name}"),
             ClientPattern::Ip(address) => write!(f, "IP:{address}"),
@@ -553,7 +595,8 @@ impl fmt::Display for ClientPattern {
 }
 
 /// Parses a pattern and returns its canonical text.
-pub fn canonical_pattern(text: &str) -> Result<String, String> {
+#[cfg(test)]
+fn canonical_pattern(text: &str) -> Result<String, String> {
     ClientPattern::parse(text).map(|pattern| pattern.to_string())
 }
 
@@ -579,9 +622,16 @@ mod tests {
     struct Fake(&'static [&'static str]);
 
     impl ClientIdentity for Fake {
-        fn matches(&self, pattern: &str) -> bool {
-            self.0.contains(&pattern)
+        fn matches(&self, pattern: &ClientPattern) -> bool {
+            self.0.contains(&pattern.to_string().as_str())
         }
+    }
+
+    fn patterns(texts: &[&str]) -> Vec<ClientPattern> {
+        texts
+            .iter()
+            .map(|text| ClientPattern::parse(text).unwrap())
+            .collect()
     }
 
     #[test]
@@ -684,7 +734,7 @@ mod tests {
         let policy = ExportPolicy {
             allow: vec![net("10.1.0.0/16")],
             allow_uids: vec![1000],
-            allow_clients: vec!["CN=hv1.example".into(), "PSK:alice".into()],
+            allow_clients: patterns(&["CN=hv1.example", "PSK:alice"]),
             tls_only: false,
             max_connections: Some(2),
         };
@@ -787,6 +837,9 @@ mod tests {
         assert_eq!(canonical("CN=alice"), "CN=alice");
         assert_eq!(canonical("cn=alice, o=Example"), "CN=alice,O=Example");
         assert_eq!(canonical("CN=Smith\\, J,O=X"), "CN=Smith\\, J,O=X");
+        assert_eq!(canonical("CN=Smith\\2C J, o = X"), "CN=Smith\\, J,O=X");
+        assert_eq!(canonical("CN=\\ a\\ "), "CN=\\ a\\ ");
+        assert_eq!(canonical("E=a@b,CN=x\\00y"), "EMAILADDRESS=a@b,CN=x\\00y");
         assert_eq!(canonical("2.5.4.3=alice"), "2.5.4.3=alice");
         assert_eq!(canonical("DNS:HV1.Example"), "DNS:hv1.example");
         assert_eq!(canonical("dns:*.example"), "DNS:*.example");
@@ -837,6 +890,7 @@ mod tests {
     fn canonical_patterns_parse_to_themselves() {
         for text in [
             "CN=a\\,b\\+c,OU=x\\\\y",
+            "CN=\\#a\\ ,O=\\C3\\A9t\\01",
             "DNS:*.a.b",
             "IP:fd00::1",
             "PSK:al ice",

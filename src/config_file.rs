@@ -30,7 +30,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use toml::Spanned;
 
-use crate::access::{self, ExportPolicy, ListenerPolicy};
+use crate::access::{self, ClientPattern, ExportPolicy, ListenerPolicy};
 use crate::config::{self, Config, ExportSpec, KernelTls, Listen, Placement, TlsMode, TlsSettings};
 use crate::target::backend::{CacheMode, Source};
 
@@ -364,17 +364,22 @@ impl Serialize for Uid {
     }
 }
 
-/// One checked `allow_clients` pattern, kept in canonical form.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(transparent)]
-pub struct Pattern(pub String);
+/// One `allow_clients` pattern, parsed; written back in canonical form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern(pub ClientPattern);
 
 impl<'de> Deserialize<'de> for Pattern {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
-        access::canonical_pattern(&text)
+        ClientPattern::parse(&text)
             .map(Pattern)
             .map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Pattern {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&self.0)
     }
 }
 
@@ -1638,10 +1643,8 @@ max_connections = 0
         assert!(vm1.tls_only);
         assert_eq!(vm1.allow, [net("10.1.0.0/16")]);
         assert_eq!(vm1.allow_uids, [1000]);
-        assert_eq!(
-            vm1.allow_clients,
-            ["CN=hv1.example", "PSK:alice", "DNS:hv2.example"]
-        );
+        let clients: Vec<String> = vm1.allow_clients.iter().map(ToString::to_string).collect();
+        assert_eq!(clients, ["CN=hv1.example", "PSK:alice", "DNS:hv2.example"]);
         assert_eq!(vm1.max_connections, Some(4), "own limit wins");
         assert_eq!(
             config.exports[1].policy.max_connections, None,
@@ -1944,8 +1947,8 @@ max_connections = 0
         let error = settings.config.validate().unwrap_err();
         assert!(error.contains("export 'vm1': tls_only"), "{error}");
         settings.config.exports[0].policy.tls_only = false;
-        settings.config.exports[0].policy.allow_clients = vec!["nonsense".into()];
-        let error = settings.config.validate().unwrap_err();
+        // A pattern is parsed where it is read, so a bad one never reaches validate().
+        let error = ClientPattern::parse("nonsense").unwrap_err();
         assert!(error.contains("client pattern 'nonsense'"), "{error}");
         settings.config.exports[0].policy.allow_clients.clear();
         settings.config.exports[0].policy.max_connections = Some(0);

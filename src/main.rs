@@ -835,7 +835,11 @@ mod tests {
         assert_eq!(after.listener_policy.allow_uids, [5], "from the new file");
         let names: Vec<_> = after.exports.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(names, ["b", "c"]);
-        assert_eq!(after.exports[0].policy.allow_clients, ["PSK:alice"]);
+        let clients = &after.exports[0].policy.allow_clients;
+        assert_eq!(
+            clients.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["PSK:alice"]
+        );
         assert_eq!(after.exports[0].policy.max_connections, Some(3));
         assert_eq!(after.exports[1].policy.max_connections, Some(9));
         file("[server]\ntls_cert = \"/c\"\n[[export]]\nname = \"a\"\npath = \"memory:1M\"\n");

@@ -80,9 +80,3 @@ impl SecurityCell {
         *self.0.write().unwrap_or_else(|poison| poison.into_inner()) = Arc::new(security);
     }
 }
-
-impl crate::access::ClientIdentity for crate::tls::Identity {
-    fn matches(&self, pattern: &str) -> bool {
-        crate::tls::Identity::matches(self, pattern)
-    }
-}

@@ -54,7 +54,7 @@ use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Once};
 
-pub use identity::{Identity, IdentityPattern};
+pub use identity::Identity;
 
 use crate::ring::ktls::{KtlsCipher, KtlsVersion};
 
