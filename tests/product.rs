@@ -244,6 +244,10 @@ fn create_makes_a_sparse_file_and_never_resizes_an_existing_one() {
         .export(format!("new={}", new.display()))
         .export(format!("old={}", old.display()))
         .start();
+    // The socket accepts (into its backlog) as soon as it is bound, before the exports are
+    // opened; a finished handshake means they are.
+    let (_, info) = RawClient::ready(server.socket(), "new").unwrap();
+    assert_eq!(info.size, 64 << 20);
     let metadata = fs::metadata(&new).expect("created");
     assert_eq!(metadata.len(), 64 << 20);
     assert!(
@@ -252,8 +256,6 @@ fn create_makes_a_sparse_file_and_never_resizes_an_existing_one() {
         metadata.blocks()
     );
     assert_eq!(metadata.mode() & 0o777, 0o600);
-    let (_, info) = RawClient::ready(server.socket(), "new").unwrap();
-    assert_eq!(info.size, 64 << 20);
     let (_, info) = RawClient::ready(server.socket(), "old").unwrap();
     assert_eq!(info.size, 1 << 20, "an existing file keeps its size");
     assert_eq!(fs::metadata(&old).unwrap().len(), 1 << 20);
