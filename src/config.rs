@@ -254,8 +254,9 @@ impl TlsMode {
 /// `placement` / `--placement`: how the acceptor picks a shard for a new connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Placement {
-    /// The least-loaded shard; among equals, one on a CPU that takes the exports' disk
-    /// interrupts (lower latency at low queue depth; see `crate::placement`).
+    /// The least-loaded shard; among equals, the one on the CPU that receives the TCP
+    /// connection's packets, then one on a CPU that takes the exports' disk interrupts
+    /// (lower latency and CPU per request at low queue depth; see `crate::placement`).
     #[default]
     Interrupts,
     /// The least-loaded shard, lowest index among equals (spreads CPU load away from the

@@ -129,9 +129,10 @@ struct ServeArgs {
     /// Number of shards (threads, each with its own io_uring). Default: one per online core.
     #[arg(long, value_name = "N")]
     shards: Option<usize>,
-    /// How new connections are spread over shards: interrupts (least-loaded, then a shard
-    /// on a CPU that takes the disks' completion interrupts: lower latency at low depth) or
-    /// least-loaded. Default: interrupts.
+    /// How new connections are spread over shards: interrupts (least-loaded, then the shard
+    /// on the CPU receiving the TCP connection's packets, then one on a CPU that takes the
+    /// disks' completion interrupts: lower latency and CPU at low depth) or least-loaded.
+    /// Default: interrupts.
     #[arg(long, value_enum, value_name = "POLICY")]
     placement: Option<PlacementArg>,
     /// Page-cache mode for file exports (every export). Default: direct.
@@ -240,7 +241,7 @@ enum TlsArg {
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
 enum PlacementArg {
-    /// Least-loaded, then a shard on a disk-interrupt CPU.
+    /// Least-loaded, then the receive CPU's shard, then a shard on a disk-interrupt CPU.
     Interrupts,
     /// Least-loaded only.
     LeastLoaded,

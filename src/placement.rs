@@ -1,7 +1,18 @@
 //! Which shard takes a new connection.
 //!
-//! The least-loaded shard (fewest live connections), and among equally loaded shards one
-//! running on a CPU that takes the completion interrupts of the exports' disks. A request's
+//! The least-loaded shard (fewest live connections); among equally loaded shards, the one on
+//! the CPU that receives the connection's packets, then one running on a CPU that takes the
+//! completion interrupts of the exports' disks.
+//!
+//! The receive CPU is TCP's `SO_INCOMING_CPU`: the CPU whose softirq last queued data for the
+//! socket, which is the CPU of the NIC queue interrupt the flow hashes to (or, over loopback,
+//! the client's CPU). Every request arrives there; a shard elsewhere is woken by an
+//! inter-processor interrupt per burst of requests, and the reply's transmit work moves CPUs
+//! too. Measured in `tuning/README.md` §2: a QD1 client over loopback TCP pinned to the
+//! shard's CPU saw 21 µs per 4k read of a RAM disk and 10 µs of server CPU per request, and
+//! 58 µs and 24 µs pinned to the other CPU. Unix-socket connections have no receive CPU.
+//!
+//! A request's
 //! disk completion is posted by the interrupt handler and wakes the shard that submitted it:
 //! on the interrupt's own CPU that is a local wake-up, on any other CPU an inter-processor
 //! interrupt, which in a virtual machine is an exit to the hypervisor for the sender and an
@@ -171,13 +182,41 @@ pub fn preferred_shards(shard_cpus: &[Option<usize>], irq_cpus: &CpuSet) -> Vec<
     preferred
 }
 
-/// The shard for a new connection, given `(live connections, preferred)` per shard: fewest
-/// connections first, then preferred, then the lowest index. `None` without shards.
-pub fn choose(shards: impl IntoIterator<Item = (usize, bool)>) -> Option<usize> {
+/// The CPU whose connections each shard takes (see [`choose`]): the first shard on each CPU,
+/// `None` for unpinned shards and for further shards on a CPU already taken.
+pub fn receive_cpus(shard_cpus: &[Option<usize>]) -> Vec<Option<usize>> {
+    let mut seen = CpuSet::new();
+    shard_cpus
+        .iter()
+        .map(|cpu| cpu.filter(|&cpu| seen.insert(cpu)))
+        .collect()
+}
+
+/// A shard as the acceptor sees it when placing a connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Candidate {
+    /// Live connections.
+    pub connections: usize,
+    /// The CPU whose connections this shard takes ([`receive_cpus`]).
+    pub receive_cpu: Option<usize>,
+    /// On a CPU that takes the disks' completion interrupts ([`preferred_shards`]).
+    pub preferred: bool,
+}
+
+/// The shard for a connection whose packets arrive on `received_on` (if known): fewest
+/// connections first, then the shard taking that CPU's connections, then a preferred one,
+/// then the lowest index. `None` without shards.
+pub fn choose(
+    shards: impl IntoIterator<Item = Candidate>,
+    received_on: Option<usize>,
+) -> Option<usize> {
     shards
         .into_iter()
         .enumerate()
-        .min_by_key(|&(index, (connections, preferred))| (connections, !preferred, index))
+        .min_by_key(|&(index, shard)| {
+            let receives = received_on.is_some() && shard.receive_cpu == received_on;
+            (shard.connections, !receives, !shard.preferred, index)
+        })
         .map(|(index, _)| index)
 }
 
@@ -320,20 +359,68 @@ mod tests {
         let four = [Some(0), Some(1), Some(0), Some(1)];
         let preferred = preferred_shards(&four, &irq);
         assert_eq!(preferred, vec![false, true, false, false]);
-        let first = choose(preferred.iter().map(|&p| (0, p))).unwrap();
+        let first = choose(shards(&[0; 4], &[None; 4], &preferred), None).unwrap();
         assert_eq!(first, 1);
-        let loads = [0, 1, 0, 0];
-        let second = choose(loads.iter().zip(&preferred).map(|(&l, &p)| (l, p))).unwrap();
+        let second = choose(shards(&[0, 1, 0, 0], &[None; 4], &preferred), None).unwrap();
         assert_eq!(four[second], Some(0));
+    }
+
+    /// Candidates from parallel slices of connections, receive CPUs and preferences.
+    fn shards(
+        connections: &[usize],
+        receive_cpus: &[Option<usize>],
+        preferred: &[bool],
+    ) -> Vec<Candidate> {
+        let shards = connections.iter().zip(receive_cpus).zip(preferred);
+        let candidate = |((&connections, &receive_cpu), &preferred)| Candidate {
+            connections,
+            receive_cpu,
+            preferred,
+        };
+        shards.map(candidate).collect()
     }
 
     #[test]
     fn least_loaded_first_then_preferred_then_lowest_index() {
-        assert_eq!(choose([(0, false), (0, true)]), Some(1));
-        assert_eq!(choose([(0, false), (1, true)]), Some(0));
-        assert_eq!(choose([(1, false), (1, true), (1, true)]), Some(1));
-        assert_eq!(choose([(2, false), (1, false)]), Some(1));
-        assert_eq!(choose([(0, false), (0, false)]), Some(0));
-        assert_eq!(choose(std::iter::empty()), None);
+        let none = [None; 3];
+        let pick = |connections: &[usize], preferred: &[bool]| {
+            choose(shards(connections, &none, preferred), None)
+        };
+        assert_eq!(pick(&[0, 0], &[false, true]), Some(1));
+        assert_eq!(pick(&[0, 1], &[false, true]), Some(0));
+        assert_eq!(pick(&[1, 1, 1], &[false, true, true]), Some(1));
+        assert_eq!(pick(&[2, 1], &[false, false]), Some(1));
+        assert_eq!(pick(&[0, 0], &[false, false]), Some(0));
+        assert_eq!(choose(std::iter::empty(), Some(0)), None);
+    }
+
+    #[test]
+    fn the_receive_cpu_ranks_after_load_and_before_disk_interrupts() {
+        let receive = receive_cpus(&[Some(0), Some(1), Some(0), Some(1)]);
+        assert_eq!(receive, vec![Some(0), Some(1), None, None]);
+        assert_eq!(receive_cpus(&[None, Some(1)]), vec![None, Some(1)]);
+        let preferred = [false, true, false, false];
+        // Received on CPU 0: the shard taking CPU 0 beats the disk-interrupt shard.
+        assert_eq!(
+            choose(shards(&[0; 4], &receive, &preferred), Some(0)),
+            Some(0)
+        );
+        assert_eq!(
+            choose(shards(&[0; 4], &receive, &preferred), Some(1)),
+            Some(1)
+        );
+        // Unknown receive CPU (unix sockets) or one no shard runs on: disk preference.
+        assert_eq!(choose(shards(&[0; 4], &receive, &preferred), None), Some(1));
+        assert_eq!(
+            choose(shards(&[0; 4], &receive, &preferred), Some(7)),
+            Some(1)
+        );
+        // Load still comes first: with the CPU 0 shard busy, the lowest idle index wins (the
+        // second shard on CPU 0 does not take CPU 0's connections).
+        let busy = [1, 0, 0, 1];
+        assert_eq!(
+            choose(shards(&busy, &receive, &[false; 4]), Some(0)),
+            Some(1)
+        );
     }
 }

@@ -6,8 +6,9 @@
 //! Unix sockets have no SO_REUSEPORT load balancing, and accepting is not on the request
 //! path, so a single blocking acceptor (poll over every listener plus a stop eventfd) feeds
 //! the shards over crossbeam channels and wakes each through an eventfd read posted on its
-//! ring. Placement picks the shard with the fewest live connections, and among those one on a
-//! CPU that takes the exports' disk interrupts ([`crate::placement`]).
+//! ring. Placement picks the shard with the fewest live connections, and among those the one
+//! on the CPU receiving the connection's packets, then one on a CPU that takes the exports'
+//! disk interrupts ([`crate::placement`]).
 //!
 //! # Connection limit
 //!
@@ -90,9 +91,11 @@ impl Listener {
         match self {
             Listener::Tcp(listener) => {
                 let (stream, address) = listener.accept()?;
+                let receive_cpu = socket2::SockRef::from(&stream).cpu_affinity().ok();
                 Ok(NewConn {
                     socket: Socket::Tcp(stream),
                     peer: Peer::tcp(address),
+                    receive_cpu,
                 })
             }
             Listener::Unix { listener, .. } => {
@@ -101,6 +104,7 @@ impl Listener {
                 Ok(NewConn {
                     socket: Socket::Unix(stream),
                     peer,
+                    receive_cpu: None,
                 })
             }
         }
@@ -331,9 +335,18 @@ fn spawn_shards(config: &Config, shared: &Arc<Shared>) -> Result<Vec<ShardThread
     Ok(shards)
 }
 
-/// Marks the shards running on CPUs that take the completion interrupts of the exports'
-/// disks, so that the acceptor prefers them among equally loaded shards ([`placement`]).
-fn prefer_interrupt_cpus(config: &Config, shards: &[ShardThread]) {
+/// Tells each shard's load which connections it should draw among equally loaded shards
+/// ([`placement`]): with `placement = "interrupts"`, those received on its CPU (first shard
+/// per CPU), and all of them if it runs on a CPU that takes the exports' disk interrupts.
+fn follow_interrupts(config: &Config, shards: &[ShardThread]) {
+    let cpus: Vec<Option<usize>> = shards.iter().map(|shard| shard.cpu).collect();
+    let receive_cpus = match config.placement {
+        Placement::Interrupts => placement::receive_cpus(&cpus),
+        Placement::LeastLoaded => vec![None; shards.len()],
+    };
+    for (shard, &cpu) in shards.iter().zip(&receive_cpus) {
+        shard.load.set_receive_cpu(cpu);
+    }
     let mut irq_cpus = placement::CpuSet::new();
     let exports = match config.placement {
         Placement::Interrupts => config.exports.as_slice(),
@@ -354,7 +367,6 @@ fn prefer_interrupt_cpus(config: &Config, shards: &[ShardThread]) {
             None => tracing::debug!(export = %spec.name, ?dev, "disk interrupts unknown"),
         }
     }
-    let cpus: Vec<Option<usize>> = shards.iter().map(|shard| shard.cpu).collect();
     let preferred = placement::preferred_shards(&cpus, &irq_cpus);
     for (shard, &prefer) in shards.iter().zip(&preferred) {
         shard.load.preferred.store(prefer, Ordering::Relaxed);
@@ -423,7 +435,7 @@ pub fn start_with(
         handshake_timeout: Duration::from_secs(config.handshake_timeout_seconds),
     });
     let shards = spawn_shards(config, &shared)?;
-    prefer_interrupt_cpus(config, &shards);
+    follow_interrupts(config, &shards);
     before_accept()?;
     let acceptor_wake = Arc::new(sys::eventfd().context("eventfd")?);
     let unix_paths = listeners
@@ -532,13 +544,13 @@ impl Acceptor {
             drop(conn);
             return;
         }
-        let loads = self.shards.iter().map(|(_, _, load)| {
-            (
-                load.connections.load(Ordering::Relaxed),
-                load.preferred.load(Ordering::Relaxed),
-            )
+        let loads = self.shards.iter().map(|(_, _, load)| placement::Candidate {
+            connections: load.connections.load(Ordering::Relaxed),
+            receive_cpu: load.receive_cpu(),
+            preferred: load.preferred.load(Ordering::Relaxed),
         });
-        let index = placement::choose(loads).expect("at least one shard");
+        let index = placement::choose(loads, conn.receive_cpu).expect("at least one shard");
+        tracing::debug!(peer = %conn.peer, receive_cpu = conn.receive_cpu, shard = index, "placed");
         let (sender, wake, _) = &self.shards[index];
         if sender.send(conn).is_ok() {
             sys::eventfd_signal(*wake);
@@ -611,7 +623,7 @@ impl Server {
         let ids = open_exports(config, exports)?;
         exports.set_visible(&ids);
         self.shared.security.replace(security);
-        prefer_interrupt_cpus(config, &self.shards);
+        follow_interrupts(config, &self.shards);
         let added: Vec<&str> = ids
             .iter()
             .filter(|id| !before.contains(id))

@@ -127,6 +127,8 @@ pub struct NewConn {
     pub socket: Socket,
     /// Who connected (access checks, logs).
     pub peer: Peer,
+    /// The CPU that receives the connection's packets (TCP's `SO_INCOMING_CPU`), if known.
+    pub receive_cpu: Option<usize>,
 }
 
 /// What a shard exposes to the acceptor.
@@ -136,6 +138,21 @@ pub struct ShardLoad {
     pub connections: AtomicUsize,
     /// Runs on a CPU that takes the exports' disk interrupts (see [`crate::placement`]).
     pub preferred: AtomicBool,
+    /// The CPU whose connections this shard takes, plus one; 0 for none.
+    receive_cpu: AtomicUsize,
+}
+
+impl ShardLoad {
+    /// The CPU whose connections this shard takes (see [`crate::placement::choose`]).
+    pub fn receive_cpu(&self) -> Option<usize> {
+        self.receive_cpu.load(Ordering::Relaxed).checked_sub(1)
+    }
+
+    /// Sets (or, with `None`, clears) the CPU whose connections this shard takes.
+    pub fn set_receive_cpu(&self, cpu: Option<usize>) {
+        self.receive_cpu
+            .store(cpu.map_or(0, |cpu| cpu + 1), Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -662,10 +662,15 @@ fn expected_interrupt_shard(file: &Path) -> Option<usize> {
 fn first_connection_shard(server: &Server) -> usize {
     let uri = server.uri("");
     run(Command::new("nbdinfo").args(["--size", &uri]), TIMEOUT).ok();
+    last_connection_shard(server)
+}
+
+/// The shard of the latest "client connected" line of the server's log.
+fn last_connection_shard(server: &Server) -> usize {
     let log = server.log();
     let line = log
         .lines()
-        .find(|line| line.contains("client connected"))
+        .rfind(|line| line.contains("client connected"))
         .unwrap_or_else(|| panic!("no connection logged:\n{log}"));
     let shard = line.split("shard=").nth(1).expect("shard= in the line");
     shard[..shard.find(' ').unwrap()].parse().unwrap()
@@ -706,4 +711,72 @@ fn placement_prefers_the_disk_interrupt_cpu_or_follows_least_loaded() {
         "least-loaded takes shard 0"
     );
     assert!(!server.log().contains("prefer the shards"));
+}
+
+/// The CPUs this process may run on (the shards are pinned to them in this order).
+fn allowed_cpus() -> Vec<usize> {
+    let status = fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let list = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list")
+        .trim();
+    let mut cpus = Vec::new();
+    for part in list.split(',') {
+        let (low, high) = part.split_once('-').unwrap_or((part, part));
+        cpus.extend(low.parse::<usize>().unwrap()..=high.parse::<usize>().unwrap());
+    }
+    cpus
+}
+
+/// Connects once with nbdinfo pinned to `cpu` (`taskset`) and returns the shard the server
+/// logged for it.
+fn pinned_connection_shard(server: &Server, uri: &str, cpu: usize) -> usize {
+    let cpu = cpu.to_string();
+    let out = run(
+        Command::new("taskset").args(["-c", &cpu, "nbdinfo", "--size", uri]),
+        TIMEOUT,
+    )
+    .ok();
+    assert_eq!(out.trim(), (1u64 << 20).to_string());
+    last_connection_shard(server)
+}
+
+/// A TCP connection goes to the shard on the CPU that receives its packets: over loopback
+/// that is the client's CPU, so a client pinned to either CPU lands on the shard pinned there,
+/// ahead of the disk-interrupt preference; `least-loaded` ignores it (shard 0 both times).
+#[test]
+fn tcp_connections_go_to_the_shard_on_their_receive_cpu() {
+    let cpus = allowed_cpus();
+    if !require_tools(&["nbdinfo", "taskset"]) || !require(cpus.len() >= 2, "needs 2 CPUs") {
+        return;
+    }
+    let dir = tempdir();
+    let image = dir.path().join("disk.img");
+    sparse_file(&image, 1 << 20);
+    let two = ["--shards", "2", "--buffer-mib", "32"];
+    for (policy, expected) in [("interrupts", [0, 1]), ("least-loaded", [0, 0])] {
+        for export in ["memory:1M", image.to_str().unwrap()] {
+            for (client, &shard) in expected.iter().enumerate() {
+                // A fresh server per connection: the previous one's close must not skew
+                // the least-loaded comparison.
+                let port = free_tcp_port();
+                let server = ServerSpec::new(export)
+                    .options(&two)
+                    .options(&["--placement", policy, "--log-level", "debug"])
+                    .listen(format!("127.0.0.1:{port}"))
+                    .start();
+                let uri = format!("nbd://127.0.0.1:{port}");
+                assert_eq!(
+                    pinned_connection_shard(&server, &uri, cpus[client]),
+                    shard,
+                    "{policy}, {export}, client on CPU {}; log:\n{}",
+                    cpus[client],
+                    server.log()
+                );
+                let placed = format!("receive_cpu={}", cpus[client]);
+                assert!(server.log().contains(&placed), "{}", server.log());
+            }
+        }
+    }
 }
