@@ -8,9 +8,10 @@
 //! socket, which is the CPU of the NIC queue interrupt the flow hashes to (or, over loopback,
 //! the client's CPU). Every request arrives there; a shard elsewhere is woken by an
 //! inter-processor interrupt per burst of requests, and the reply's transmit work moves CPUs
-//! too. Measured in `tuning/README.md` §2: a QD1 client over loopback TCP pinned to the
-//! shard's CPU saw 21 µs per 4k read of a RAM disk and 10 µs of server CPU per request, and
-//! 58 µs and 24 µs pinned to the other CPU. Unix-socket connections have no receive CPU.
+//! too. Measured in `tuning/README.md` §1: a QD1 client over loopback TCP pinned to the CPU
+//! of a shard without its connection saw 75 µs per 4k read of a RAM disk and 32 µs of server
+//! CPU per request; with the connection on that shard, 22 µs and 11 µs. Unix-socket
+//! connections have no receive CPU.
 //!
 //! A request's
 //! disk completion is posted by the interrupt handler and wakes the shard that submitted it:

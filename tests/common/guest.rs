@@ -440,8 +440,10 @@ const INIT_PRELUDE: &str = r#"#!/bin/busybox sh
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-mount -t tmpfs tmpfs /tmp
-mkdir -p /run /mnt
+# The initramfs root is already writable memory: /tmp stays a plain directory, so host files
+# copied to their own paths under /tmp (a checkout in /tmp) are not hidden by a mount.
+mkdir -p /tmp /run /mnt
+chmod 1777 /tmp
 mount -t tmpfs tmpfs /run
 ln -sf /proc/mounts /etc/mtab
 echo "RINGBD-GUEST-BOOTED"
