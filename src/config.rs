@@ -264,16 +264,6 @@ pub enum Placement {
     LeastLoaded,
 }
 
-impl Placement {
-    /// The configuration spelling: `interrupts`, `least-loaded`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Placement::Interrupts => "interrupts",
-            Placement::LeastLoaded => "least-loaded",
-        }
-    }
-}
-
 /// `tls_kernel` / `--tls-kernel`: kernel TLS offload after the handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KernelTls {

@@ -109,18 +109,19 @@ fn block_cpus(root: &Path, block: &Path, depth: usize) -> Option<CpuSet> {
         return None;
     }
     // A stacked device (dm, md): the union over the disks under it.
-    let mut union = CpuSet::new();
-    let mut found = false;
-    for slave in fs::read_dir(disk.join("slaves")).ok()?.flatten() {
-        let Ok(slave) = fs::canonicalize(slave.path()) else {
-            continue;
-        };
-        if let Some(cpus) = block_cpus(root, &slave, depth + 1) {
-            union.extend(cpus);
-            found = true;
-        }
-    }
-    found.then_some(union)
+    let slaves = fs::read_dir(disk.join("slaves")).ok()?.flatten();
+    union_of(slaves.map(|slave| {
+        let slave = fs::canonicalize(slave.path()).ok()?;
+        block_cpus(root, &slave, depth + 1)
+    }))
+}
+
+/// The union of the known sets; `None` when none is known.
+fn union_of(sets: impl Iterator<Item = Option<CpuSet>>) -> Option<CpuSet> {
+    sets.flatten().reduce(|mut union, cpus| {
+        union.extend(cpus);
+        union
+    })
 }
 
 /// Looks for `msi_irqs/` in `device` or the few directories above it (virtio and NVMe
@@ -129,18 +130,10 @@ fn device_cpus(root: &Path, device: &Path) -> Option<CpuSet> {
     let mut dir: PathBuf = device.to_path_buf();
     for _ in 0..=PARENT_DEPTH_MAX {
         if let Ok(entries) = fs::read_dir(dir.join("msi_irqs")) {
-            let mut union = CpuSet::new();
-            let mut found = false;
-            for entry in entries.flatten() {
-                let Some(irq) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
-                    continue;
-                };
-                if let Some(cpus) = irq_cpus(root, irq) {
-                    union.extend(cpus);
-                    found = true;
-                }
-            }
-            return found.then_some(union);
+            return union_of(entries.flatten().map(|entry| {
+                let irq = entry.file_name().to_str()?.parse().ok()?;
+                irq_cpus(root, irq)
+            }));
         }
         dir = dir.parent()?.to_path_buf();
     }
@@ -172,10 +165,9 @@ fn irq_cpus(root: &Path, irq: u32) -> Option<CpuSet> {
 /// shards than CPUs only the first shard on each CPU counts, so that a second connection
 /// goes to another CPU rather than to a second shard on the same one.
 pub fn preferred_shards(shard_cpus: &[Option<usize>], irq_cpus: &CpuSet) -> Vec<bool> {
-    let mut seen = CpuSet::new();
-    let preferred: Vec<bool> = shard_cpus
-        .iter()
-        .map(|cpu| cpu.is_some_and(|cpu| seen.insert(cpu) && irq_cpus.contains(&cpu)))
+    let preferred: Vec<bool> = receive_cpus(shard_cpus)
+        .into_iter()
+        .map(|cpu| cpu.is_some_and(|cpu| irq_cpus.contains(&cpu)))
         .collect();
     if preferred.iter().all(|&p| p) || !preferred.iter().any(|&p| p) {
         return vec![false; shard_cpus.len()];
@@ -183,8 +175,8 @@ pub fn preferred_shards(shard_cpus: &[Option<usize>], irq_cpus: &CpuSet) -> Vec<
     preferred
 }
 
-/// The CPU whose connections each shard takes (see [`choose`]): the first shard on each CPU,
-/// `None` for unpinned shards and for further shards on a CPU already taken.
+/// The CPU each shard stands for (see [`choose`], [`preferred_shards`]): the first shard on
+/// each CPU, `None` for unpinned shards and for further shards on a CPU already taken.
 pub fn receive_cpus(shard_cpus: &[Option<usize>]) -> Vec<Option<usize>> {
     let mut seen = CpuSet::new();
     shard_cpus

@@ -339,20 +339,19 @@ fn spawn_shards(config: &Config, shared: &Arc<Shared>) -> Result<Vec<ShardThread
 /// ([`placement`]): with `placement = "interrupts"`, those received on its CPU (first shard
 /// per CPU), and all of them if it runs on a CPU that takes the exports' disk interrupts.
 fn follow_interrupts(config: &Config, shards: &[ShardThread]) {
+    if config.placement == Placement::LeastLoaded {
+        for shard in shards {
+            shard.load.set_receive_cpu(None);
+            shard.load.preferred.store(false, Ordering::Relaxed);
+        }
+        return;
+    }
     let cpus: Vec<Option<usize>> = shards.iter().map(|shard| shard.cpu).collect();
-    let receive_cpus = match config.placement {
-        Placement::Interrupts => placement::receive_cpus(&cpus),
-        Placement::LeastLoaded => vec![None; shards.len()],
-    };
-    for (shard, &cpu) in shards.iter().zip(&receive_cpus) {
+    for (shard, cpu) in shards.iter().zip(placement::receive_cpus(&cpus)) {
         shard.load.set_receive_cpu(cpu);
     }
     let mut irq_cpus = placement::CpuSet::new();
-    let exports = match config.placement {
-        Placement::Interrupts => config.exports.as_slice(),
-        Placement::LeastLoaded => &[],
-    };
-    for spec in exports {
+    for spec in &config.exports {
         let Source::Path(path) = &spec.source else {
             continue;
         };

@@ -719,14 +719,9 @@ fn allowed_cpus() -> Vec<usize> {
     let list = status
         .lines()
         .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
-        .expect("Cpus_allowed_list")
-        .trim();
-    let mut cpus = Vec::new();
-    for part in list.split(',') {
-        let (low, high) = part.split_once('-').unwrap_or((part, part));
-        cpus.extend(low.parse::<usize>().unwrap()..=high.parse::<usize>().unwrap());
-    }
-    cpus
+        .expect("Cpus_allowed_list");
+    let cpus = ringbd::placement::parse_cpu_list(list).expect("a CPU list");
+    cpus.into_iter().collect()
 }
 
 /// Connects once with nbdinfo pinned to `cpu` (`taskset`) and returns the shard the server
