@@ -548,7 +548,7 @@ fn unescape(value: &str) -> Result<String, String> {
 /// Appends `value` escaped as RFC 4514 says, so that [`ClientPattern::parse`] reads it back:
 /// `\\` before `, + " \\ < > ;`, a leading `#` or space and a trailing space; control
 /// characters as hex bytes (`\\00`). Also how the TLS layer renders certificate subjects.
-pub fn escape_value(value: &str, out: &mut String) {
+pub fn escape_value(value: &str, out: &mut impl fmt::Write) -> fmt::Result {
     let last = value.chars().count().saturating_sub(1);
     for (index, c) in value.chars().enumerate() {
         let special = ",+\"\\<>;".contains(c)
@@ -557,15 +557,16 @@ pub fn escape_value(value: &str, out: &mut String) {
         if c.is_control() {
             let mut utf8 = [0u8; 4];
             for byte in c.encode_utf8(&mut utf8).bytes() {
-                out.push_str(&format!("\\{byte:02X}"));
+                write!(out, "\\{byte:02X}")?;
             }
             continue;
         }
         if special {
-            out.push('\\');
+            out.write_char('\\')?;
         }
-        out.push(c);
+        out.write_char(c)?;
     }
+    Ok(())
 }
 
 impl fmt::Display for ClientPattern {
@@ -574,16 +575,12 @@ impl fmt::Display for ClientPattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ClientPattern::Subject(attributes) => {
-                let mut text = String::new();
                 for (index, (kind, value)) in attributes.iter().enumerate() {
-                    if index > 0 {
-                        text.push(',');
-                    }
-                    text.push_str(kind);
-                    text.push('=');
-                    escape_value(value, &mut text);
+                    let comma = if index == 0 { "" } else { "," };
+                    write!(f, "{comma}{kind}=")?;
+                    escape_value(value, f)?;
                 }
-                f.write_str(&text)
+                Ok(())
             }
             ClientPattern::Dns(name) => write!(f, "DNS:{name}"),
             ClientPattern::Ip(address) => write!(f, "IP:{address}"),

@@ -216,7 +216,7 @@ fn render_rdns(rdns: &Rdns) -> String {
             out.push_str(&attribute.kind);
             out.push('=');
             if attribute.text {
-                escape_value(&attribute.value, &mut out);
+                escape_value(&attribute.value, &mut out).expect("writing to a String");
             } else {
                 out.push_str(&attribute.value);
             }
