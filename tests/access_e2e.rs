@@ -67,10 +67,13 @@ fn unix_peer(socket: &Path) -> UnixStream {
 }
 
 /// libnbd's and qemu's words for a connection closed before (or instead of) the greeting.
-const CLOSED: [&str; 3] = [
+/// The last is libnbd 1.14's when the close of a unix socket wakes it before its connect step
+/// has moved on (seen once in a CI run; the server had logged the refusal).
+const CLOSED: [&str; 4] = [
     "server disconnected unexpectedly",
     "Connection reset by peer",
     "Failed to read initial magic",
+    "is invalid in state CONNECT.START",
 ];
 
 #[test]
